@@ -1,0 +1,111 @@
+"""Orbax checkpoints of a run: the train state (params, optimizer state, step) and JSON metadata.
+
+Restoring walks back from the newest step: a checkpoint that fails to restore is moved aside
+(kept for inspection, never deleted) with a warning, and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a directory could be restored."""
+
+
+class Checkpoints:
+    """Periodic checkpoints of a pytree ``state`` plus a JSON-able ``meta`` dict.
+
+    Args:
+      directory: where checkpoints live (created if missing).
+      max_to_keep: newest checkpoints kept.
+      async_save: write in a background thread (the train loop goes on meanwhile).
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options,
+                                     item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = True) -> None:
+        """Saves ``state`` and ``meta`` as ``step`` (waits for an earlier async save first)."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def read(self, step: Optional[int] = None) -> tuple[Any, dict]:
+        """``(state, meta)`` saved at ``step`` (default: newest) as plain arrays, no target needed.
+
+        For inspection; resuming uses :meth:`restore_latest`, which restores the exact types.
+        """
+        step = self.steps()[-1] if step is None else step
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def restore_latest(self, target: Any) -> Optional[tuple[int, Any, dict]]:
+        """The newest restorable ``(step, state, meta)``, or None when there is no checkpoint.
+
+        Args:
+          target: a pytree shaped like the saved state (arrays or ``jax.ShapeDtypeStruct``s); it
+            gives the restored leaves their types (e.g. optax NamedTuples) and shardings.
+
+        Raises:
+          CheckpointError: checkpoints exist but none restores.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                out = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                restored = (step, out["state"], dict(out["meta"]))
+            except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                failures.append((step, e))
+                self._set_aside(step, e)
+                continue
+            return restored
+        if failures:
+            detail = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} could be restored ({detail}). The unreadable "
+                "ones were moved aside with a '.corrupt' suffix; remove the directory (or choose "
+                "another workdir) to start from scratch.")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        # Keep the bytes for inspection, but out of orbax's way: otherwise the next save at this
+        # step would collide with it, or retention would count it as the newest checkpoint.
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{int(time.time())}"
+        warnings.warn(f"Checkpoint at step {step} in {self.directory} could not be restored "
+                      f"({type(error).__name__}: {error}); moved it to {dst} and trying the "
+                      "previous one.", RuntimeWarning, stacklevel=3)
+        if os.path.exists(src):
+            os.replace(src, dst)
+        self._manager.close()
+        self._manager = self._open()

@@ -1,0 +1,546 @@
+"""Training: the pure train step, evaluation, and ``train_and_evaluate(config, workdir)``.
+
+The step is ``train_step(state, batch, rng) -> (state, metrics)``: a pure function, jitted once
+per run with the state donated. Randomness comes from one key folded with the step number, and
+the data order from one key folded with the epoch, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from aejax import checkpoints, corruptions, data, models, objectives, pca
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+PerExampleFn = Callable[[Any, Mapping[str, Array], Array, Array], tuple[Array, dict[str, Array]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or one of its terms) became NaN or infinite."""
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not exist or does not fit."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key ``train_and_evaluate`` reads, with its default. Configs override these."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(
+        name="fashion_mnist", validation_size=5000, classes=(), flat=True, binarize=False,
+        data_dir="", manual_dir="", on_device="auto"))
+    # Options other than `name` go to the model's constructor (see aejax.models).
+    c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(128,), code_size=32,
+                                             activation="relu", code_activation="linear"))
+    # terms: {kind: {weight: w, warmup_steps: n, <the term's options>}} (see aejax.objectives).
+    c.loss = ml_collections.ConfigDict(dict(reconstruction="bce", terms=ml_collections.ConfigDict()))
+    c.corruption = ml_collections.ConfigDict(dict(kind="none"))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, decay_rate=0.5,
+        momentum=0.9, nesterov=False, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0))
+    c.batch_size = 256
+    c.eval_batch_size = 1000
+    c.num_epochs = 10
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.early_stopping_patience = 0  # epochs without improvement of validation `monitor`; 0: off
+    c.early_stopping_min_delta = 0.0
+    c.monitor = "loss"
+    c.pca_baseline = True
+    c.figures = True
+    c.num_figure_images = 10
+    c.progress = True
+    return c
+
+
+_FREE_FORM = ("model", "loss", "corruption")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for keys that ``train_and_evaluate`` does not know, with suggestions."""
+    default = default_config()
+
+    def walk(cfg, ref, prefix):
+        for key in cfg.keys():
+            path = f"{prefix}{key}"
+            if key not in ref:
+                close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+                hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+                raise ConfigError(f"Unknown config key {path!r}.{hint} Known keys under "
+                                  f"{prefix or 'config.'}: {sorted(ref.keys())}.")
+            if isinstance(ref[key], ml_collections.ConfigDict) and key not in _FREE_FORM:
+                walk(cfg[key], ref[key], f"{path}.")
+
+    walk(config, default, "")
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                    steps_per_epoch: int) -> optax.GradientTransformation:
+    """optax optimizer from config: adam/adamw or sgd (momentum, Nesterov), schedules, decay, clipping."""
+    lr = float(cfg.learning_rate)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"optimizer.learning_rate must be a positive number, got {cfg.learning_rate}.")
+    schedules = {
+        "constant": lambda: optax.constant_schedule(lr),
+        "cosine": lambda: optax.cosine_decay_schedule(lr, max(total_steps, 1)),
+        "warmup_cosine": lambda: optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1)),
+        "exponential": lambda: optax.exponential_decay(lr, max(steps_per_epoch, 1), cfg.decay_rate),
+    }
+    if cfg.schedule not in schedules:
+        raise ConfigError(f"Unknown optimizer.schedule {cfg.schedule!r}; choose one of "
+                          f"{sorted(schedules)}.")
+    schedule = schedules[cfg.schedule]()
+    if cfg.name == "adam":
+        tx = (optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+              if cfg.weight_decay else optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
+    elif cfg.name == "sgd":
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+        if cfg.weight_decay:
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    else:
+        raise ConfigError(f"Unknown optimizer.name {cfg.name!r}; choose 'adam' or 'sgd'.")
+    if cfg.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes.
+
+    Attributes:
+      step: number of steps taken.
+      params: model parameters.
+      opt_state: optimizer state.
+      bad_step: first step whose loss was not finite, -1 while all were finite.
+      bad_metrics: the metrics of that step (which term went bad).
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    bad_step: Array
+    bad_metrics: Any
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation,
+               metrics_template: Mapping[str, Any]) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   bad_step=jnp.full((), -1, jnp.int32),
+                   bad_metrics=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                            dict(metrics_template)))
+
+
+def make_per_example_fn(model, objective: objectives.Objective, *,
+                        corrupt: Optional[corruptions.Corruption] = None, binarize: bool = False,
+                        reconstruction: str = "bce") -> PerExampleFn:
+    """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
+
+    ``batch`` has ``x`` (clean images) and optionally ``mask`` (B,). Binarization and corruption
+    draw from ``rng``; metrics hold every objective term, the reconstruction errors and, for
+    models with a KL term, the ELBO.
+    """
+
+    def fn(params, batch, rng, step):
+        x = batch["x"]
+        mask = batch.get("mask")
+        r_bin, r_cor, r_fwd = jax.random.split(rng, 3)
+        if binarize:
+            x = data.binarize(r_bin, x)
+        x_in = corrupt(r_cor, x) if corrupt is not None else x
+        f = objectives.forward(model, params, x, x_in, rng=r_fwd, step=step, mask=mask)
+        total, parts = objective(f)
+        se = jnp.square(objectives.reconstruct(f.logits, reconstruction) - x)
+        se = se.reshape(x.shape[0], -1).sum(axis=1)
+        metrics = {"loss": total, **parts, "squared_error_per_image": se,
+                   "mse_per_pixel": se / math.prod(x.shape[1:])}
+        if "kl" in parts:
+            metrics["elbo"] = -(parts["reconstruction"] + parts["kl"])
+        return total, metrics
+
+    return fn
+
+
+def _global_norm(tree) -> Array:
+    return optax.tree.norm(tree)
+
+
+def make_train_step(per_example: PerExampleFn, tx: optax.GradientTransformation):
+    """The pure step ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    ``rng`` is the run's key; the step folds in ``state.step`` so every step draws fresh noise
+    and a resumed run draws the same noise as an uninterrupted one.
+    """
+
+    def loss_fn(params, batch, rng, step):
+        total, metrics = per_example(params, batch, rng, step)
+        mask = batch.get("mask", jnp.ones_like(total))
+        means = {k: objectives.masked_mean(v, mask) for k, v in metrics.items()}
+        return means["loss"], means
+
+    def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=_global_norm(grads), param_norm=_global_norm(params),
+                       update_norm=_global_norm(updates))
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        first_bad = (state.bad_step < 0) & ~finite
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            bad_step=jnp.where(first_bad, state.step, state.bad_step),
+            bad_metrics=jax.tree.map(lambda old, new: jnp.where(first_bad, new, old),
+                                     state.bad_metrics, metrics))
+        return new_state, metrics
+
+    return train_step
+
+
+def metrics_template(per_example: PerExampleFn, params, x_example: Array) -> dict:
+    """Shapes of the step's metrics (scalars), found without running anything."""
+    total, metrics = jax.eval_shape(per_example, params, {"x": x_example},
+                                    jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
+    names = list(metrics) + ["grad_norm", "param_norm", "update_norm"]
+    return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in names}
+
+
+def make_evaluate(per_example: PerExampleFn):
+    """``evaluate(params, xs (N, B, ...), masks (N, B), rng, step) -> {metric: mean}`` in one call.
+
+    Batches are scanned inside one jitted call; padded examples (mask 0) do not count.
+    """
+
+    def evaluate(params, xs, masks, rng, step):
+        def body(sums, inputs):
+            i, x, mask = inputs
+            _, metrics = per_example(params, {"x": x, "mask": mask}, jax.random.fold_in(rng, i), step)
+            return jax.tree.map(lambda s, v: s + (v * mask).sum(), sums, metrics), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros((), s.dtype),
+                             jax.eval_shape(lambda: per_example(params, {"x": xs[0]}, rng, step)[1]))
+        sums, _ = jax.lax.scan(body, zeros, (jnp.arange(xs.shape[0]), xs, masks))
+        count = masks.sum()
+        return jax.tree.map(lambda s: s / count, sums)
+
+    return evaluate
+
+
+def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` padded with zeros to whole batches: ``(N, batch_size, ...)`` and a 0/1 mask ``(N, batch_size)``."""
+    n = len(x)
+    num = -(-n // batch_size)
+    pad = num * batch_size - n
+    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return xp.reshape((num, batch_size) + x.shape[1:]), mask.reshape(num, batch_size)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config before training: data, model, objective, steps."""
+
+    config: ml_collections.ConfigDict
+    splits: data.Splits
+    model: Any
+    per_example: PerExampleFn
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _data_options(config) -> dict:
+    d = config.data
+    return dict(validation_size=d.validation_size, seed=config.seed,
+                classes=tuple(d.classes) or None, flat=d.flat, data_dir=d.data_dir or None,
+                manual_dir=d.manual_dir or None)
+
+
+def build_experiment(config: ml_collections.ConfigDict,
+                     splits: Optional[data.Splits] = None) -> Experiment:
+    """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
+    check_config(config)
+    if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
+        raise ConfigError("batch_size and eval_batch_size must be positive and num_epochs >= 0; got "
+                          f"{config.batch_size}, {config.eval_batch_size}, {config.num_epochs}.")
+    if splits is None:
+        if config.data.name not in data.DATASETS:
+            raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {data.DATASETS}.")
+        splits = data.load(config.data.name, **_data_options(config))
+    for split_name, (x, _) in zip(("train", "validation", "test"), splits):
+        data.check_images(x, name=f"{config.data.name} {split_name} images")
+    model_options = {k: v for k, v in config.model.items() if k != "name"}
+    model = models.create(config.model.name, **model_options)
+    terms = {k: dict(v) for k, v in config.loss.terms.items()}
+    objectives.check_compatible(model, terms)
+    objective = objectives.build(config.loss.reconstruction, terms)
+    corruption_options = {k: v for k, v in config.corruption.items() if k != "kind"}
+    corrupt = (None if config.corruption.kind == "none"
+               else corruptions.build(config.corruption.kind, **corruption_options))
+    per_example = make_per_example_fn(model, objective, corrupt=corrupt,
+                                      binarize=config.data.binarize,
+                                      reconstruction=config.loss.reconstruction)
+    spe = data.steps_per_epoch(len(splits.train[0]), config.batch_size)
+    total = spe * config.num_epochs
+    tx = build_optimizer(config.optimizer, total, spe)
+    return Experiment(config, splits, model, per_example, tx, spe, total)
+
+
+def _check_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"Cannot write to workdir {workdir!r} ({e.strerror or e}). Choose a "
+                      "directory you can write to with --workdir=...") from None
+    return workdir
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops lines logged after ``step`` (they are about to be recomputed by the resumed run)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _nonfinite_error(state: TrainState, last_good: Optional[int], ckpt_dir: str) -> NonFiniteLossError:
+    bad = jax.device_get(state.bad_metrics)
+    bad_terms = {k: float(v) for k, v in bad.items() if not np.isfinite(v)}
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}" if last_good is not None
+            else "no checkpoint was written yet")
+    return NonFiniteLossError(
+        f"Non-finite loss at step {int(state.bad_step)}: {bad_terms}. Training stopped; {kept}. "
+        "Lower optimizer.learning_rate, clip gradients (optimizer.grad_clip_norm) or reduce the "
+        "weight of the term that diverged, then run again in a new workdir or the same one to "
+        "resume from that checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       splits: Optional[data.Splits] = None) -> dict:
+    """Trains, validates every epoch, checkpoints, and evaluates on the test split.
+
+    Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
+    only re-evaluated). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
+
+    Args:
+      config: see :func:`default_config`.
+      workdir: output directory (created; must be writable).
+      splits: data to use instead of loading ``config.data`` (tests).
+
+    Returns:
+      The summary dict also written to ``summary.json``.
+    """
+    workdir = _check_workdir(workdir)
+    exp = build_experiment(config, splits)
+    cfg = exp.config
+    (x_train, _), (x_val, _), (x_test, y_test) = exp.splits
+    bs, spe = cfg.batch_size, exp.steps_per_epoch
+
+    root = jax.random.PRNGKey(cfg.seed)
+    init_rng, data_rng, train_rng, eval_rng = jax.random.split(root, 4)
+    x_train_dev = jax.device_put(x_train)
+    params = models.init(exp.model, init_rng, x_train_dev[:bs])
+    template = metrics_template(exp.per_example, params, x_train_dev[:bs])
+    state = TrainState.create(params, exp.tx, template)
+    best_params = jax.tree.map(jnp.copy, params)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpts = checkpoints.Checkpoints(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
+    meta = {"epoch": 0, "best_validation": None, "best_epoch": None, "bad_epochs": 0,
+            "finished": False, "stopped_early": False, "history": [], "train_seconds": 0.0}
+    restored = ckpts.restore_latest({"state": state, "best_params": best_params})
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    last_good = None
+    if restored is not None:
+        last_good, tree, meta = restored
+        state, best_params = tree["state"], tree["best_params"]
+        log.info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
+        _truncate_metrics(metrics_path, last_good)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    train_step = make_train_step(exp.per_example, exp.tx)
+
+    def fused_step(state, acc, x_all, perm, index, rng):
+        batch = {"x": data.take_batch(x_all, perm, index, bs)}
+        state, metrics = train_step(state, batch, rng)
+        return state, jax.tree.map(jnp.add, acc, metrics)
+
+    run_step = jax.jit(fused_step, donate_argnums=(0, 1))
+    permutation = jax.jit(data.epoch_permutation, static_argnums=1)
+    evaluate = jax.jit(make_evaluate(exp.per_example))
+    val_xs, val_masks = (jax.device_put(a) for a in pad_batches(x_val, cfg.eval_batch_size))
+
+    def save(step):
+        nonlocal last_good
+        if int(state.bad_step) >= 0:
+            raise _nonfinite_error(state, last_good, ckpt_dir)
+        ckpts.save(step, {"state": state, "best_params": best_params}, meta)
+        last_good = step
+
+    progress = _progress_bar(cfg, exp.total_steps, int(state.step))
+    step = int(state.step)
+    # A fresh accumulator each time: the step donates (and so deletes) the one it is given.
+    new_acc = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+    t_start = time.time()
+    seconds_before = meta["train_seconds"]
+    with open(metrics_path, "a") as metrics_file:
+        while not meta["finished"] and meta["epoch"] < cfg.num_epochs:
+            epoch = meta["epoch"]
+            perm = permutation(data_rng, len(x_train), epoch)
+            acc, count = new_acc(), 0
+            epoch_train = jax.tree.map(lambda s: 0.0, template)
+            epoch_count = 0
+            for index in range(step - epoch * spe, spe):
+                state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
+                step += 1
+                count += 1
+                progress.update(1)
+                end_of_epoch = index == spe - 1
+                if step % cfg.log_every_steps == 0 or end_of_epoch:
+                    means = {k: float(v) / count for k, v in jax.device_get(acc).items()}
+                    if int(state.bad_step) >= 0:
+                        raise _nonfinite_error(state, last_good, ckpt_dir)
+                    metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
+                    progress.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
+                    epoch_train = {k: epoch_train[k] + means[k] * count for k in means}
+                    epoch_count += count
+                    acc, count = new_acc(), 0
+                if step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+                    meta["train_seconds"] = seconds_before + time.time() - t_start
+                    save(step)
+            val = {k: float(v) for k, v in jax.device_get(
+                evaluate(state.params, val_xs, val_masks, eval_rng, state.step)).items()}
+            row = {"epoch": epoch + 1, "step": step}
+            row.update({f"train_{k}": v / max(epoch_count, 1) for k, v in epoch_train.items()})
+            row.update({f"validation_{k}": v for k, v in val.items()})
+            metrics_file.write(json.dumps({"step": step, "epoch": epoch + 1, "split": "validation",
+                                           **val}) + "\n")
+            metrics_file.flush()
+            meta["history"].append(row)
+            monitored = val[cfg.monitor] if cfg.monitor in val else val["loss"]
+            best = meta["best_validation"]
+            if best is None or monitored < best - cfg.early_stopping_min_delta:
+                meta.update(best_validation=monitored, best_epoch=epoch + 1, bad_epochs=0)
+                best_params = jax.tree.map(jnp.copy, state.params)
+            else:
+                meta["bad_epochs"] += 1
+            meta["epoch"] = epoch + 1
+            if cfg.early_stopping_patience and meta["bad_epochs"] >= cfg.early_stopping_patience:
+                meta.update(finished=True, stopped_early=True)
+            if meta["epoch"] >= cfg.num_epochs:
+                meta["finished"] = True
+            meta["train_seconds"] = seconds_before + time.time() - t_start
+            save(step)
+    progress.close()
+    ckpts.close()
+
+    summary = _final_evaluation(exp, workdir, best_params, meta, evaluate, eval_rng, state.step)
+    return summary
+
+
+def _progress_bar(cfg, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not cfg.progress, mininterval=1.0,
+                unit="step", dynamic_ncols=True)
+
+
+def reconstruct_images(model, params, x: Array, reconstruction: str) -> np.ndarray:
+    """Deterministic reconstructions of ``x`` (the VAE decodes its posterior mean)."""
+    if isinstance(model, models.VAE):
+        mean, _ = model.apply({"params": params}, x, method=model.encode)
+        logits = model.apply({"params": params}, mean, method=model.decode)
+    else:
+        logits, _ = model.apply({"params": params}, x)
+    return np.asarray(objectives.reconstruct(logits, reconstruction))
+
+
+def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, evaluate, eval_rng,
+                      step) -> dict:
+    cfg = exp.config
+    (x_train, _), _, (x_test, _) = exp.splits
+    test_xs, test_masks = pad_batches(x_test, cfg.eval_batch_size)
+    test = {k: float(v) for k, v in jax.device_get(
+        evaluate(params, jnp.asarray(test_xs), jnp.asarray(test_masks), eval_rng, step)).items()}
+    summary = {
+        "dataset": cfg.data.name,
+        "model": cfg.model.to_dict(),
+        "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+        "epochs_run": meta["epoch"],
+        "steps": int(step),
+        "best_epoch": meta["best_epoch"],
+        "stopped_early": meta["stopped_early"],
+        "train_seconds": round(meta["train_seconds"], 2),
+        "test": test,
+    }
+    code_size = _code_size(exp.model)
+    pca_recon = None
+    if cfg.pca_baseline and code_size is not None:
+        fitted = pca.fit(x_train, code_size)
+        summary["pca"] = {"code_size": code_size, "test": pca.reconstruction_errors(fitted, x_test)}
+        summary["autoencoder_beats_pca"] = (
+            test["squared_error_per_image"] < summary["pca"]["test"]["squared_error_per_image"])
+        n = cfg.num_figure_images
+        pca_recon = np.asarray(pca.decode(fitted, pca.encode(fitted, x_test[:n]), x_test.shape[1:]))
+    if cfg.figures:
+        n = cfg.num_figure_images
+        from aejax import figures  # matplotlib only when figures are asked for
+
+        recon = reconstruct_images(exp.model, params, jnp.asarray(x_test[:n]), cfg.loss.reconstruction)
+        summary["figures"] = [os.path.basename(p) for p in figures.save_run_figures(
+            workdir, x_test[:n], recon, meta["history"], pca_recon)]
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _code_size(model) -> Optional[int]:
+    if isinstance(model, models.MLPAutoencoder):
+        return model.code_size
+    if isinstance(model, models.VAE):
+        return model.latent_size
+    if isinstance(model, models.ConvAutoencoder):
+        return math.prod(model.code_shape)
+    return None

@@ -1,0 +1,318 @@
+"""Variational autoencoder bounds and evaluation: ELBO, IWAE bound, prior samples, test NLL.
+
+Pure functions of an :class:`aejax.models.VAE` and its params; every random draw comes from an
+explicit key, and sample ``k`` of a bound always uses ``fold_in(rng, k)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aejax import losses, models
+
+Array = jax.Array
+# (mean, logvar) of q(z|x), each (B, Z), from a batch x (B, ...).
+EncodeFn = Callable[[Array], tuple[Array, Array]]
+# log p(x|z) per example (B,) from latents z (B, Z) and inputs x (B, ...).
+LogLikFn = Callable[[Array, Array], Array]
+
+__all__ = ["log_likelihood", "elbo", "log_weights", "iwae", "sample_prior", "evaluate_nll"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_model(model, fn: str) -> None:
+    if not isinstance(model, models.VAE):
+        raise ValueError(f"{fn}: model must be an aejax.models.VAE, got {type(model).__name__}.")
+
+
+def _check_x(model, x, fn: str) -> None:
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{fn}: x has dtype {getattr(x, 'dtype', type(x).__name__)}; a floating "
+                         "dtype is needed (scale images with x.astype('float32') / 255).")
+    models.check_input(x, model.input_shape, fn)
+
+
+def _check_count(value, name: str, fn: str) -> int:
+    # operator.index accepts Python and NumPy integers but rejects floats such as 1e3.
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}.") from None
+    if value < 1:
+        raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value}.")
+    return value
+
+
+def _bind(model, params) -> tuple[EncodeFn, LogLikFn]:
+    variables = {"params": params}
+
+    def encode_fn(x: Array) -> tuple[Array, Array]:
+        return model.apply(variables, x, method="encode")
+
+    def log_lik_fn(z: Array, x: Array) -> Array:
+        out = model.apply(variables, z, method="decode")
+        if model.likelihood == "bernoulli":
+            return losses.bernoulli_log_prob(out, x)
+        log_scale = model.apply(variables, method="decoder_log_scale")
+        return -losses.gaussian_nll(out, x, log_scale=log_scale)
+
+    return encode_fn, log_lik_fn
+
+
+# --------------------------------------------------------------------------- core on callables
+
+
+def _noise(rng: Array, indices: Array, shape: tuple[int, ...], dtype) -> Array:
+    # One key per sample index, not per chunk: sample k is the same draw whatever the chunking,
+    # so chunked and unchunked bounds agree to rounding and the ELBO shares the IWAE's samples.
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(rng, i), shape, dtype))(indices)
+
+
+def _log_weights_at(posterior: tuple[Array, Array], log_lik_fn: LogLikFn, x: Array, rng: Array,
+                    indices: Array) -> Array:
+    """``log p(x, z_k) - log q(z_k|x)`` for the sample indices ``k`` in ``indices``: ``(n, B)``."""
+    mean, logvar = posterior
+    eps = _noise(rng, indices, mean.shape, mean.dtype)  # (n, B, Z)
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    # log q from eps rather than from z: no cancellation in (z - mean), so an exact posterior
+    # gives log weights that are constant to rounding.
+    log_q = -0.5 * jnp.sum(jnp.square(eps) + logvar + math.log(2 * math.pi), axis=-1)
+    log_prior = losses.gaussian_log_prob(z)
+    log_lik = jax.vmap(log_lik_fn, in_axes=(0, None))(z, x)
+    return log_lik + log_prior - log_q
+
+
+def _elbo(encode_fn: EncodeFn, log_lik_fn: LogLikFn, x: Array, rng: Array,
+          num_samples: int) -> Array:
+    mean, logvar = encode_fn(x)
+    eps = _noise(rng, jnp.arange(num_samples), mean.shape, mean.dtype)
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    reconstruction = jax.vmap(log_lik_fn, in_axes=(0, None))(z, x).mean(axis=0)
+    return reconstruction - losses.gaussian_kl(mean, logvar)
+
+
+def _iwae(encode_fn: EncodeFn, log_lik_fn: LogLikFn, x: Array, rng: Array, num_samples: int,
+          chunk_size: Optional[int]) -> Array:
+    posterior = encode_fn(x)  # once: the encoder does not depend on the sample
+    if chunk_size is None or chunk_size >= num_samples:
+        lw = _log_weights_at(posterior, log_lik_fn, x, rng, jnp.arange(num_samples))
+        return losses.iwae_bound(lw)
+
+    num_chunks = -(-num_samples // chunk_size)
+
+    def chunk_logsumexp(c: Array) -> Array:
+        idx = c * chunk_size + jnp.arange(chunk_size)
+        lw = _log_weights_at(posterior, log_lik_fn, x, rng, idx)
+        # The last chunk may run past num_samples; -inf weights drop out of the logsumexp.
+        lw = jnp.where((idx < num_samples)[:, None], lw, -jnp.inf)
+        return jax.scipy.special.logsumexp(lw, axis=0)
+
+    # A scan (lax.map with a carry) keeps only the running logsumexp (B,), so memory is one
+    # chunk's decoder outputs (chunk_size, B, D) whatever num_samples is.
+    def step(acc: Array, c: Array) -> tuple[Array, None]:
+        return jnp.logaddexp(acc, chunk_logsumexp(c)), None
+
+    out = jax.eval_shape(chunk_logsumexp, jnp.zeros((), jnp.int32))
+    acc0 = jnp.full(out.shape, -jnp.inf, out.dtype)
+    acc, _ = jax.lax.scan(step, acc0, jnp.arange(num_chunks))
+    return acc - math.log(num_samples)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def log_likelihood(model: models.VAE, params, z: Array, x: Array) -> Array:
+    """Decoder log-likelihood ``log p(x|z)`` per example, in nats.
+
+    Bernoulli models read the decoder output as logits; Gaussian models as means with the
+    model's learned global log standard deviation ``log_scale``.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      z: ``(B, latent_size)`` latents.
+      x: ``(B, *input_shape)`` floating inputs (in [0, 1] for Bernoulli models).
+
+    Returns:
+      ``(B,)`` log-likelihoods.
+
+    >>> m = models.VAE(input_shape=(3,), hidden=(), latent_size=1)
+    >>> p = models.init(m, jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+    >>> p = jax.tree.map(jnp.zeros_like, p)  # logits 0: every pixel has probability 1/2
+    >>> round(float(log_likelihood(m, p, jnp.zeros((1, 1)), jnp.ones((1, 3)))[0]), 4)
+    -2.0794
+    """
+    _check_model(model, "log_likelihood")
+    _check_x(model, x, "log_likelihood")
+    return _bind(model, params)[1](z, x)
+
+
+def elbo(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int = 1) -> Array:
+    """Evidence lower bound ``E_q[log p(x|z)] - KL(q(z|x) || N(0, I))`` per example, in nats.
+
+    The reconstruction term is a Monte Carlo average over ``num_samples`` reparameterized draws
+    (sample ``k`` from ``fold_in(rng, k)``, as in :func:`log_weights`); the KL is analytic.
+    All ``num_samples`` decoder outputs are held at once.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      x: ``(B, *input_shape)`` floating inputs.
+      rng: PRNG key.
+      num_samples: draws of ``z`` per example, >= 1.
+
+    Returns:
+      ``(B,)`` ELBO estimates.
+    """
+    _check_model(model, "elbo")
+    _check_x(model, x, "elbo")
+    num_samples = _check_count(num_samples, "num_samples", "elbo")
+    return _elbo(*_bind(model, params), x, rng, num_samples)
+
+
+def log_weights(model: models.VAE, params, x: Array, rng: Array, num_samples: int) -> Array:
+    """Importance log-weights ``log p(x, z_k) - log q(z_k|x)`` with ``z_k ~ q(z|x)``.
+
+    ``z_k = mean + exp(logvar / 2) * eps_k`` with ``eps_k`` drawn from ``fold_in(rng, k)``.
+    Their mean over ``k`` estimates the ELBO; their log-mean-exp is the IWAE bound.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      x: ``(B, *input_shape)`` floating inputs.
+      rng: PRNG key.
+      num_samples: ``K >= 1``.
+
+    Returns:
+      ``(K, B)`` log-weights, in nats.
+    """
+    _check_model(model, "log_weights")
+    _check_x(model, x, "log_weights")
+    num_samples = _check_count(num_samples, "num_samples", "log_weights")
+    encode_fn, log_lik_fn = _bind(model, params)
+    return _log_weights_at(encode_fn(x), log_lik_fn, x, rng, jnp.arange(num_samples))
+
+
+def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
+         chunk_size: Optional[int] = None) -> Array:
+    """Importance-weighted bound ``log (1/k) sum_k p(x, z_k) / q(z_k|x)`` (Burda et al. 2016).
+
+    A lower bound on ``log p(x)`` that rises toward it as ``k = num_samples`` grows; ``k = 1`` is
+    an (unbiased, higher-variance) estimate of the ELBO. With ``chunk_size`` the samples are
+    processed ``chunk_size`` at a time with a running logsumexp, so ``k = 5000`` fits in memory;
+    because sample ``k`` is drawn from ``fold_in(rng, k)``, the result does not depend on
+    ``chunk_size`` beyond float rounding and equals ``iwae_bound(log_weights(...))``.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      x: ``(B, *input_shape)`` floating inputs.
+      rng: PRNG key.
+      num_samples: ``k >= 1``.
+      chunk_size: samples per chunk (>= 1); ``None`` takes all at once.
+
+    Returns:
+      ``(B,)`` bounds, in nats.
+    """
+    _check_model(model, "iwae")
+    _check_x(model, x, "iwae")
+    num_samples = _check_count(num_samples, "num_samples", "iwae")
+    if chunk_size is not None:
+        chunk_size = _check_count(chunk_size, "chunk_size", "iwae")
+    return _iwae(*_bind(model, params), x, rng, num_samples, chunk_size)
+
+
+def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool = True) -> Array:
+    """Decoded samples of the generative model with ``z ~ N(0, I)``.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      rng: PRNG key (split for ``z`` and, when ``mean=False``, for the pixels).
+      num: number of samples, >= 1.
+      mean: return the decoder's mean (Bernoulli probabilities ``sigmoid(logits)`` in [0, 1], or
+        Gaussian means) instead of a draw from ``p(x|z)`` (binary pixels, or means plus
+        ``exp(log_scale)`` times Gaussian noise).
+
+    Returns:
+      ``(num, *input_shape)`` images.
+    """
+    _check_model(model, "sample_prior")
+    num = _check_count(num, "num", "sample_prior")
+    z_rng, x_rng = jax.random.split(rng)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    z = jax.random.normal(z_rng, (num, model.latent_size), dtype)
+    variables = {"params": params}
+    out = model.apply(variables, z, method="decode")
+    if model.likelihood == "bernoulli":
+        probs = jax.nn.sigmoid(out)
+        return probs if mean else jax.random.bernoulli(x_rng, probs).astype(out.dtype)
+    if mean:
+        return out
+    scale = jnp.exp(model.apply(variables, method="decoder_log_scale"))
+    return out + scale * jax.random.normal(x_rng, out.shape, out.dtype)
+
+
+# Module-level so repeated evaluations (every epoch, several checkpoints) reuse one compilation
+# per (model, batch shape, num_samples, chunk_size).
+@functools.partial(jax.jit, static_argnames=("model", "num_samples", "chunk_size"))
+def _batch_iwae_sum(params, x: Array, mask: Array, rng: Array, index: Array, *, model: models.VAE,
+                    num_samples: int, chunk_size: Optional[int]) -> Array:
+    bound = iwae(model, params, x, jax.random.fold_in(rng, index), num_samples=num_samples,
+                 chunk_size=chunk_size)
+    # where, not multiply: padded rows must not leak a non-finite bound into the sum.
+    return jnp.sum(jnp.where(mask, bound, 0.0))
+
+
+def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int = 5000,
+                 batch_size: int = 100, chunk_size: int = 500) -> float:
+    """Test negative log-likelihood ``-mean_i iwae_k(x_i)`` over a dataset, in nats.
+
+    The IWAE bound with large ``k`` (Burda et al. use 5000) is the standard estimate of a VAE's
+    ``-log p(x)``; it over-estimates the NLL by a gap that shrinks with ``k``. Batches are padded
+    to ``batch_size`` and masked, so every batch has one shape and the jitted batch function
+    compiles once; batch ``i`` draws from ``fold_in(rng, i)``.
+
+    Args:
+      model: the VAE.
+      params: its flax params dict.
+      x: ``(N, *input_shape)`` floating inputs (NumPy or JAX), N >= 1.
+      rng: PRNG key.
+      num_samples: ``k`` of the IWAE bound.
+      batch_size: examples per jitted call (capped at N).
+      chunk_size: importance samples per chunk; memory grows as ``batch_size * chunk_size * D``.
+
+    Returns:
+      The mean NLL estimate per example, in nats.
+    """
+    _check_model(model, "evaluate_nll")
+    _check_x(model, x, "evaluate_nll")
+    num_samples = _check_count(num_samples, "num_samples", "evaluate_nll")
+    batch_size = _check_count(batch_size, "batch_size", "evaluate_nll")
+    chunk_size = _check_count(chunk_size, "chunk_size", "evaluate_nll")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("evaluate_nll: x holds no examples.")
+    x = np.asarray(x)
+    batch_size = min(batch_size, n)
+    sums = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        batch = x[start:start + batch_size]
+        real = len(batch)
+        if real < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
+        mask = np.arange(batch_size) < real
+        sums.append(_batch_iwae_sum(params, batch, mask, rng, np.int32(i), model=model,
+                                    num_samples=num_samples, chunk_size=chunk_size))
+    return -float(np.sum(np.asarray(jax.device_get(sums), np.float64))) / n

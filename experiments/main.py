@@ -1,0 +1,40 @@
+"""Runs one experiment: ``python -m experiments.main --config=experiments/configs/NAME.py --workdir=DIR``.
+
+Override any config key on the command line, e.g. ``--config.num_epochs=5``. Running again with
+the same workdir resumes from the newest checkpoint.
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, summary.json and figures.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/fashion_deep.py.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger("aejax").setLevel(logging.INFO)
+    # Imported here so that --help and flag errors come back without loading JAX.
+    from aejax import checkpoints, data, train
+
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (train.ConfigError, data.DataError, train.NonFiniteLossError,
+            checkpoints.CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    shown = {k: summary[k] for k in ("test", "pca", "autoencoder_beats_pca", "epochs_run",
+                                     "train_seconds") if k in summary}
+    print(json.dumps(shown, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

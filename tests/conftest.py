@@ -1,0 +1,39 @@
+"""Shared fixtures: small learnable data made here, and the real local Fashion-MNIST when present."""
+
+import os
+
+import numpy as np
+import pytest
+
+from aejax import data
+
+
+def low_rank_images(n: int, dim: int = 64, rank: int = 4, seed: int = 0) -> np.ndarray:
+    """Images in [0, 1] on a smooth ``rank``-dimensional manifold: learnable by small models."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(1234).normal(size=(rank, dim)) * 1.5
+    z = rng.normal(size=(n, rank))
+    return (1.0 / (1.0 + np.exp(-(z @ basis)))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def small_splits() -> data.Splits:
+    """Train 1024 / validation 256 / test 256 examples of 64 pixels."""
+    x = low_rank_images(1536)
+    y = np.zeros(len(x), np.int32)
+    return data.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fashion_data_dir(tmp_path_factory) -> str:
+    """A tfds data_dir with Fashion-MNIST prepared from the Debian package's files (once per session).
+
+    Uses AEJAX_DATA_DIR (or ~/tensorflow_datasets) so a prepared copy is reused across runs.
+    """
+    if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip("Debian package dataset-fashion-mnist is not installed "
+                    "(apt-get install dataset-fashion-mnist; ./run.sh test installs it)")
+    return data.prepare("fashion_mnist")

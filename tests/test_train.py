@@ -1,0 +1,322 @@
+"""Tests of aejax.train: the step, the loop, checkpoints, resumption and the errors of a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aejax import checkpoints, data, models, objectives, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    c = train.default_config()
+    c.model.update(input_shape=(64,), hidden=(32,), code_size=4, activation="tanh")
+    c.num_epochs = 3
+    c.batch_size = 64
+    c.eval_batch_size = 100  # 256 examples -> a padded last batch
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 7
+    c.progress = False
+    c.figures = False
+    c.optimizer.learning_rate = 3e-3
+    for k, v in overrides.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+def params_of(workdir):
+    """Final parameters from the newest checkpoint of a run."""
+    ckpts = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ckpts.steps()[-1]
+    state, _ = ckpts.read(step)
+    ckpts.close()
+    return state["state"]["params"], step
+
+
+def assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def test_train_step_matches_manual_adam_update(small_splits):
+    """One step equals value_and_grad + optax by hand, and folds the step into the key."""
+    model = models.MLPAutoencoder(input_shape=(64,), hidden=(16,), code_size=4)
+    x = jnp.asarray(small_splits.train[0][:32])
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    objective = objectives.build("bce", {})
+    per_example = train.make_per_example_fn(model, objective)
+    tx = optax.adam(1e-2)
+    state = train.TrainState.create(params, tx, train.metrics_template(per_example, params, x))
+    step = jax.jit(train.make_train_step(per_example, tx))
+    new_state, metrics = step(state, {"x": x}, jax.random.PRNGKey(1))
+
+    def loss(p):
+        logits, _ = model.apply({"params": p}, x)
+        return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=1))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert int(new_state.step) == 1 and int(new_state.bad_step) == -1
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+
+
+def test_step_compiles_once_per_run(small_splits, tmp_path, monkeypatch):
+    """The jitted step is traced once for a whole run: epochs, logging, checkpoints, validation."""
+    traces = []
+    original = train.make_train_step
+
+    def counting(per_example, tx):
+        step = original(per_example, tx)
+
+        def wrapped(state, batch, rng):
+            traces.append(1)  # runs only while tracing
+            return step(state, batch, rng)
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", counting)
+    summary = train.train_and_evaluate(small_config(), str(tmp_path), splits=small_splits)
+    assert summary["steps"] == 3 * (1024 // 64)
+    assert len(traces) == 1
+
+
+def test_evaluate_masked_mean_counts_padding_right(small_splits):
+    """Evaluating in padded batches equals the plain mean over every example."""
+    model = models.MLPAutoencoder(input_shape=(64,), hidden=(16,), code_size=4)
+    x = small_splits.test[0][:250]  # 250 = 2 full batches of 100 + 50 padded
+    params = models.init(model, jax.random.PRNGKey(0), jnp.asarray(x[:10]))
+    per_example = train.make_per_example_fn(model, objectives.build("bce", {}))
+    xs, masks = train.pad_batches(x, 100)
+    assert xs.shape == (3, 100, 64) and masks.sum() == 250
+    got = jax.jit(train.make_evaluate(per_example))(params, xs, masks, jax.random.PRNGKey(0), 0)
+    total, metrics = per_example(params, {"x": jnp.asarray(x)}, jax.random.PRNGKey(0), 0)
+    np.testing.assert_allclose(got["loss"], np.mean(total), rtol=1e-5)
+    np.testing.assert_allclose(got["mse_per_pixel"], np.mean(metrics["mse_per_pixel"]), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_run_learns_and_writes_its_outputs(small_splits, tmp_path):
+    c = small_config(num_epochs=4)
+    c.figures = True
+    summary = train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train_lines = [l for l in lines if l["split"] == "train"]
+    val_lines = [l for l in lines if l["split"] == "validation"]
+    assert len(val_lines) == 4 and [l["epoch"] for l in val_lines] == [1, 2, 3, 4]
+    assert train_lines[-1]["loss"] < 0.9 * train_lines[0]["loss"]
+    assert val_lines[-1]["loss"] < val_lines[0]["loss"]
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    assert on_disk["test"] == summary["test"]
+    assert set(summary["figures"]) == {"reconstructions.png", "learning_curves.png",
+                                       "pca_vs_autoencoder.png"}
+    for name in summary["figures"]:
+        assert (tmp_path / name).stat().st_size > 1000
+    # The test metric is the reconstruction error of the best-validation parameters.
+    assert summary["best_epoch"] == 1 + int(np.argmin([l["loss"] for l in val_lines]))
+
+
+def test_nonlinear_autoencoder_beats_pca_on_curved_data(small_splits, tmp_path):
+    """The data lie on a curved 4-d manifold: a 4-unit code should beat 4 principal components."""
+    c = small_config(num_epochs=30)
+    c.model.update(hidden=(64,), code_size=4, activation="tanh")
+    c.optimizer.update(learning_rate=3e-3, schedule="cosine")
+    summary = train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    assert summary["pca"]["code_size"] == 4
+    assert summary["test"]["mse_per_pixel"] < summary["pca"]["test"]["mse_per_pixel"]
+    assert summary["autoencoder_beats_pca"]
+
+
+def test_early_stopping_stops_after_patience(small_splits, tmp_path):
+    c = small_config(num_epochs=10, early_stopping_patience=2, early_stopping_min_delta=1e9)
+    summary = train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    # Epoch 1 sets the best; nothing can beat it by 1e9, so two more epochs end the run.
+    assert summary["epochs_run"] == 3 and summary["stopped_early"] and summary["best_epoch"] == 1
+
+
+def test_sgd_nesterov_with_schedule_and_weight_decay_trains(small_splits, tmp_path):
+    c = small_config(num_epochs=2)
+    c.optimizer.update(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True,
+                       schedule="warmup_cosine", warmup_steps=5, weight_decay=1e-4)
+    summary = train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+    assert lines[-1]["loss"] < lines[0]["loss"] and np.isfinite(summary["test"]["loss"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_is_bitwise(tmp_path):
+    params = models.init(models.MLPAutoencoder(input_shape=(8,), hidden=(5,), code_size=2),
+                         jax.random.PRNGKey(3), jnp.ones((2, 8)))
+    tx = optax.adam(1e-3)
+    template = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
+    state = train.TrainState.create(params, tx, template)
+    # Make the optimizer state non-trivial.
+    grads = jax.tree.map(lambda p: jnp.sin(p * 7.0), params)
+    _, opt_state = tx.update(grads, state.opt_state, params)
+    state = state.replace(opt_state=opt_state, step=jnp.asarray(17, jnp.int32))
+    ckpts = checkpoints.Checkpoints(str(tmp_path), async_save=False)
+    ckpts.save(17, {"state": state}, {"epoch": 2})
+    target = {"state": train.TrainState.create(params, tx, template)}
+    step, restored, meta = ckpts.restore_latest(target)
+    ckpts.close()
+    assert step == 17 and meta == {"epoch": 2}
+    assert type(restored["state"].opt_state[0]) is type(state.opt_state[0])  # optax NamedTuples back
+    assert_trees_equal(restored["state"], state)
+
+
+def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits, tmp_path):
+    ref = tmp_path / "ref"
+    train.train_and_evaluate(small_config(), str(ref), splits=small_splits)
+    ref_params, _ = params_of(str(ref))
+
+    work = tmp_path / "work"
+    train.train_and_evaluate(small_config(num_epochs=2), str(work), splits=small_splits)
+    ckdir = work / "checkpoints"
+    latest = max(int(s) for s in os.listdir(ckdir) if s.isdigit())
+    # Corrupt every data file of the newest checkpoint.
+    for root, _, files in os.walk(ckdir / str(latest)):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+    with pytest.warns(RuntimeWarning, match=f"step {latest}"):
+        train.train_and_evaluate(small_config(), str(work), splits=small_splits)
+    assert any(name.startswith(f"{latest}.corrupt") for name in os.listdir(ckdir))
+    got, _ = params_of(str(work))
+    assert_trees_equal(got, ref_params)
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import low_rank_images
+    from test_train import small_config
+    import numpy as np
+    from aejax import data, train
+    x = low_rank_images(1536)
+    y = np.zeros(len(x), np.int32)
+    splits = data.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
+    c = small_config(num_epochs=int(sys.argv[2]), checkpoint_every_steps=3)
+    train.train_and_evaluate(c, sys.argv[1], splits=splits)
+""")
+
+
+def test_killed_run_resumes_to_the_same_parameters(small_splits, tmp_path):
+    """SIGKILL mid-run, then resume: bitwise the parameters of an uninterrupted run."""
+    epochs = 12
+    ref = tmp_path / "ref"
+    c = small_config(num_epochs=epochs, checkpoint_every_steps=3)
+    train.train_and_evaluate(c, str(ref), splits=small_splits)
+    ref_params, ref_step = params_of(str(ref))
+
+    work = tmp_path / "work"
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(tests=os.path.dirname(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script), str(work), str(epochs)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = work / "checkpoints"
+    deadline = time.time() + 120
+    killed_after = None
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
+        if steps and max(steps) >= 20:
+            proc.send_signal(signal.SIGKILL)
+            killed_after = max(steps)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert killed_after is not None, "the run ended before it could be killed"
+    assert killed_after < ref_step
+    summary = train.train_and_evaluate(c, str(work), splits=small_splits)
+    assert summary["steps"] == ref_step
+    got, _ = params_of(str(work))
+    assert_trees_equal(got, ref_params)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_nonfinite_loss_names_step_and_term_and_keeps_last_checkpoint(small_splits, tmp_path):
+    c = small_config(num_epochs=50, checkpoint_every_steps=2)
+    c.loss.reconstruction = "mse_linear"
+    c.optimizer.update(name="sgd", learning_rate=50.0, momentum=0.0)
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+.*reconstruction") as e:
+        train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    assert "last good checkpoint" in str(e.value)
+    params, step = params_of(str(tmp_path))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+    bad_step = int(str(e.value).split("step ")[1].split(":")[0])
+    assert step <= bad_step
+
+
+def test_unwritable_workdir_is_a_clear_error(small_splits, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="Cannot write to workdir"):
+        train.train_and_evaluate(small_config(), str(blocker / "run"), splits=small_splits)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.name", "transformer", "Unknown model 'transformer'"),
+    ("optimizer.name", "adagrad", "Unknown optimizer.name 'adagrad'"),
+    ("optimizer.schedule", "cyclic", "Unknown optimizer.schedule"),
+    ("loss.reconstruction", "l3", "Unknown reconstruction 'l3'"),
+    ("corruption.kind", "blur", "Unknown corruption 'blur'"),
+])
+def test_unknown_names_are_clear_errors(small_splits, tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(small_config(**{key: value}), str(tmp_path), splits=small_splits)
+
+
+def test_unknown_config_key_suggests_the_right_one(small_splits, tmp_path):
+    c = small_config()
+    c.unlock()
+    c.num_epoch = 3
+    with pytest.raises(train.ConfigError, match="Did you mean 'num_epochs'"):
+        train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+
+
+def test_unknown_model_option_is_a_clear_error(small_splits, tmp_path):
+    c = small_config()
+    c.model.widths = (3,)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['widths'\]"):
+        train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+
+
+def test_nan_in_data_is_a_clear_error(small_splits, tmp_path):
+    x = small_splits.train[0].copy()
+    x[3, 5] = np.nan
+    bad = data.Splits((x, small_splits.train[1]), small_splits.validation, small_splits.test)
+    with pytest.raises(data.DataError, match="NaN"):
+        train.train_and_evaluate(small_config(), str(tmp_path), splits=bad)
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(train.ConfigError, match="Unknown dataset 'cifar'"):
+        train.train_and_evaluate(small_config(**{"data.name": "cifar"}), str(tmp_path))
