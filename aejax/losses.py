@@ -11,7 +11,6 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -93,7 +92,10 @@ def mse(predictions: Array, targets: Array) -> Array:
 def bce_with_logits(logits: Array, targets: Array) -> Array:
     """Binary cross-entropy of Bernoulli logits against targets in [0, 1], summed per example.
 
-    Computed as ``max(l, 0) - l * t + log1p(exp(-|l|))``, finite for any finite logit.
+    Computed as ``t * softplus(-l) + (1 - t) * softplus(l)`` (``softplus(l) = logaddexp(l, 0)``):
+    finite for any finite logit, without cancellation, and with gradient ``sigmoid(l) - t``
+    everywhere. (``max(l, 0) - l * t + log1p(exp(-|l|))`` has the same value but JAX gives it the
+    gradient ``-t`` at ``l = 0``.)
     Summing over pixels makes it the negative Bernoulli log-likelihood in nats.
 
     Args:
@@ -108,7 +110,7 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
     0.6931
     """
     _check_pair(logits, targets, "bce_with_logits")
-    per_pixel = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    per_pixel = targets * jax.nn.softplus(-logits) + (1 - targets) * jax.nn.softplus(logits)
     return _sum_per_example(per_pixel)
 
 
@@ -437,4 +439,5 @@ def iwae_bound(log_weights: Array, *, axis: int = 0) -> Array:
       The bound with ``axis`` reduced; ``k = 1`` gives the ELBO.
     """
     k = log_weights.shape[axis]
-    return jax.scipy.special.logsumexp(log_weights, axis=axis) - np.log(k)
+    # math.log gives a weakly typed Python float: np.log(k) would promote float32 to float64 (x64).
+    return jax.scipy.special.logsumexp(log_weights, axis=axis) - math.log(k)

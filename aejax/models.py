@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aejax import pooling
+
 Array = jax.Array
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -137,12 +139,15 @@ class ConvAutoencoder(nn.Module):
 
     Encoder Conv16-Pool-Conv8-Pool-Conv8-Pool (code 4x4x8, flattened to 128); decoder
     Conv8-Up-Conv8-Up-Conv16(valid)-Up-Conv1, output logits 28x28x1. ``upsampling='transpose'``
-    replaces each Up+Conv by a stride-2 transposed convolution ("deconvolution").
+    replaces each Up+Conv by a stride-2 transposed convolution ("deconvolution");
+    ``upsampling='unpool'`` decodes Conv8-Unpool-Conv8-Unpool-Conv16-Unpool-Conv1, each unpooling
+    putting values back where the matching encoder pooling found its maxima (the switches), so
+    the decoder mirrors the encoder's sizes (4 -> 7 -> 14 -> 28).
 
     Attributes:
       features: encoder conv widths; the decoder mirrors them.
       activation: activation name.
-      upsampling: ``"nearest"`` or ``"transpose"``.
+      upsampling: ``"nearest"``, ``"transpose"`` or ``"unpool"``.
     """
 
     input_shape: Sequence[int] = (28, 28, 1)
@@ -154,9 +159,9 @@ class ConvAutoencoder(nn.Module):
         if tuple(self.input_shape) != (28, 28, 1):
             raise ValueError(f"ConvAutoencoder is built for (28, 28, 1) images, got input_shape="
                              f"{tuple(self.input_shape)}.")
-        if self.upsampling not in ("nearest", "transpose"):
+        if self.upsampling not in ("nearest", "transpose", "unpool"):
             raise ValueError(f"ConvAutoencoder: unknown upsampling {self.upsampling!r}; choose "
-                             "'nearest' or 'transpose'.")
+                             "'nearest', 'transpose' or 'unpool'.")
         activation(self.activation)
         f1, f2, f3 = self.features
         self.enc = [nn.Conv(f, (3, 3), padding="SAME", name=f"encoder_{i}")
@@ -165,6 +170,9 @@ class ConvAutoencoder(nn.Module):
             self.dec = [nn.Conv(f3, (3, 3), padding="SAME", name="decoder_0"),
                         nn.Conv(f2, (3, 3), padding="SAME", name="decoder_1"),
                         nn.Conv(f1, (3, 3), padding="VALID", name="decoder_2")]
+        elif self.upsampling == "unpool":
+            self.dec = [nn.Conv(f, (3, 3), padding="SAME", name=f"decoder_{i}")
+                        for i, f in enumerate((f3, f2, f1))]
         else:
             # 4 -> 8 -> 16 -> 14 (valid conv) -> 28, the same sizes as the nearest path.
             self.dec = [nn.ConvTranspose(f3, (2, 2), strides=(2, 2), name="decoder_0"),
@@ -177,28 +185,42 @@ class ConvAutoencoder(nn.Module):
     def code_shape(self) -> tuple[int, int, int]:
         return (4, 4, self.features[2])
 
-    def encode(self, x: Array) -> Array:
-        """Codes ``(B, 4 * 4 * features[2])`` (flattened so latent-space tools see ``(B, H)``)."""
+    def encode_with_switches(self, x: Array) -> tuple[Array, list[Array]]:
+        """Codes and the argmax switches of each pooling layer (first to last)."""
         check_input(x, self.input_shape, "ConvAutoencoder")
         act = activation(self.activation)
         h = x
+        switches = []
         for i, conv in enumerate(self.enc):
             h = act(conv(h))
             self.sow("intermediates", f"hidden_{i}", h)
-            h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+            h, s = pooling.max_pool_with_switches(h, 2, padding="SAME")
+            switches.append(s)
         code = h.reshape(h.shape[0], -1)
         self.sow("intermediates", "code", code)
-        return code
+        return code, switches
 
-    def decode(self, z: Array) -> Array:
-        """Logits ``(B, 28, 28, 1)``."""
+    def encode(self, x: Array) -> Array:
+        """Codes ``(B, 4 * 4 * features[2])`` (flattened so latent-space tools see ``(B, H)``)."""
+        return self.encode_with_switches(x)[0]
+
+    def decode(self, z: Array, switches: Optional[Sequence[Array]] = None) -> Array:
+        """Logits ``(B, 28, 28, 1)``; ``switches`` (from the encoder) are needed for ``'unpool'``."""
         size = math.prod(self.code_shape)
         if z.ndim != 2 or z.shape[1] != size:
             raise ValueError(f"ConvAutoencoder.decode: expected codes of shape (B, {size}), got "
                              f"{tuple(z.shape)}.")
         act = activation(self.activation)
         h = z.reshape((z.shape[0], *self.code_shape))
-        if self.upsampling == "nearest":
+        if self.upsampling == "unpool":
+            if switches is None:
+                raise ValueError("ConvAutoencoder(upsampling='unpool').decode needs the encoder's "
+                                 "switches: use model.apply(params, x), or encode_with_switches "
+                                 "and pass switches=.")
+            sizes = ((7, 7), (14, 14), (28, 28))
+            for conv, s, hw in zip(self.dec, reversed(switches), sizes):
+                h = pooling.max_unpool(act(conv(h)), s, 2, output_hw=hw)
+        elif self.upsampling == "nearest":
             for conv in self.dec:
                 h = act(conv(h))
                 h = jax.image.resize(h, (h.shape[0], 2 * h.shape[1], 2 * h.shape[2], h.shape[3]),
@@ -209,8 +231,8 @@ class ConvAutoencoder(nn.Module):
         return self.out(h)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
-        code = self.encode(x)
-        return self.decode(code), code
+        code, switches = self.encode_with_switches(x)
+        return self.decode(code, switches), code
 
 
 class VAE(nn.Module):

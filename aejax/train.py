@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist", validation_size=5000, classes=(), flat=True, binarize=False,
-        data_dir="", manual_dir="", on_device="auto"))
+        data_dir="", manual_dir="", train_examples=0))  # train_examples: 0 keeps all
     # Options other than `name` go to the model's constructor (see aejax.models).
     c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(128,), code_size=32,
                                              activation="relu", code_activation="linear"))
@@ -294,6 +294,12 @@ def build_experiment(config: ml_collections.ConfigDict,
         if config.data.name not in data.DATASETS:
             raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {data.DATASETS}.")
         splits = data.load(config.data.name, **_data_options(config))
+    if config.data.train_examples:
+        if not 0 < config.data.train_examples <= len(splits.train[0]):
+            raise ConfigError(f"data.train_examples must be in [1, {len(splits.train[0])}] (0 keeps "
+                              f"all), got {config.data.train_examples}.")
+        x, y = splits.train
+        splits = splits._replace(train=(x[:config.data.train_examples], y[:config.data.train_examples]))
     for split_name, (x, _) in zip(("train", "validation", "test"), splits):
         data.check_images(x, name=f"{config.data.name} {split_name} images")
     model_options = {k: v for k, v in config.model.items() if k != "name"}
@@ -400,6 +406,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
+    log.info("%s: %d train / %d validation / %d test examples; %d steps per epoch, %d epochs; "
+             "workdir %s", cfg.data.name, len(x_train), len(x_val), len(x_test), spe,
+             cfg.num_epochs, workdir)
+    if meta["finished"]:
+        log.info("The run in %s is finished; evaluating its best parameters again.", workdir)
     train_step = make_train_step(exp.per_example, exp.tx)
 
     def fused_step(state, acc, x_all, perm, index, rng):
@@ -477,6 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpts.close()
 
     summary = _final_evaluation(exp, workdir, best_params, meta, evaluate, eval_rng, state.step)
+    log.info("Wrote %s", os.path.join(workdir, "summary.json"))
     return summary
 
 

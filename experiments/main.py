@@ -9,6 +9,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -21,7 +22,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger("aejax").setLevel(logging.INFO)
+    # Orbax and JAX log every save at INFO through absl; keep the console to what a user acts on.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    ours = logging.getLogger("aejax")
+    ours.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[aejax] %(message)s"))
+    ours.addHandler(handler)
+    ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
     from aejax import checkpoints, data, train
 
@@ -36,5 +44,15 @@ def main(argv):
     print(json.dumps(shown, indent=2))
 
 
+def parse_flags(argv):
+    # A mistyped --config.key becomes one clear line, not a traceback.
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        print(f"error: bad command line: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

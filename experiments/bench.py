@@ -1,0 +1,149 @@
+"""Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick]``.
+
+Everything is measured side by side in one run, so ratios hold on a shared, noisy machine:
+a float32 matmul roofline, the library's train step for the 784-128-32-128-784 autoencoder
+(batch 256, Adam) against it, one epoch of full Fashion-MNIST, and the contractive penalty's
+modes as ratios to the plain step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aejax import data, models, objectives, train
+
+BATCH = 256
+
+
+def emit(**record) -> None:
+    record.setdefault("device", jax.devices()[0].device_kind)
+    print(json.dumps(record), flush=True)
+
+
+def best_time(fn, *, repeats: int, number: int) -> float:
+    """Best wall time of ``number`` calls, over ``repeats`` tries (the least disturbed one)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(number):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / number)
+    return min(times)
+
+
+def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GFLOP/s of an n x n matmul in JAX."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    t = best_time(lambda: f(a, b), repeats=repeats, number=5)
+    return 2 * n**3 / t / 1e9
+
+
+def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3):
+    """The train loop's own fused step (gather + step + metric accumulation), ready to time."""
+    opt = train.default_config().optimizer
+    opt.learning_rate = lr
+    objective = objectives.build(reconstruction, terms)
+    per_example = train.make_per_example_fn(model, objective, reconstruction=reconstruction)
+    tx = train.build_optimizer(opt, 10_000, 100)
+    params = models.init(model, jax.random.PRNGKey(0), x_all[:BATCH])
+    template = train.metrics_template(per_example, params, x_all[:BATCH])
+    train_step = train.make_train_step(per_example, tx)
+
+    def fused(state, acc, x, perm, index, rng):
+        batch = {"x": data.take_batch(x, perm, index, BATCH)}
+        state, metrics = train_step(state, batch, rng)
+        return state, jax.tree.map(jnp.add, acc, metrics)
+
+    run = jax.jit(fused, donate_argnums=(0, 1))
+    perm = data.epoch_permutation(jax.random.PRNGKey(1), len(x_all), 0)
+    rng = jax.random.PRNGKey(2)
+    spe = len(x_all) // BATCH
+    holder = {"state": train.TrainState.create(params, tx, template),
+              "acc": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template), "i": 0}
+
+    def one():
+        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x_all, perm,
+                                             holder["i"] % spe, rng)
+        holder["i"] += 1
+        return holder["acc"]
+
+    jax.block_until_ready(one())  # compile
+    return one, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and no fwd-mode Jacobian")
+    parser.add_argument("--skip-epoch", action="store_true", help="skip the full-epoch timing (no data)")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 5
+
+    roofline = matmul_roofline()
+    emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
+
+    x_all = jax.random.uniform(jax.random.PRNGKey(0), (BATCH * 40, 784), jnp.float32)
+    ae = models.MLPAutoencoder(hidden=(128,), code_size=32, activation="relu")
+    plain, num_weights = step_runner(ae, {}, x_all)
+    t_plain = best_time(plain, repeats=repeats, number=100)
+    flops = 6 * num_weights * BATCH
+    emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
+         steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
+         fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
+
+    modes = ["best", "rev", "auto", "estimate"] + ([] if args.quick else ["fwd"])
+    for mode in modes:
+        term = {"contractive": {"weight": 0.1, "mode": mode}}
+        run, _ = step_runner(ae, term, x_all)
+        number = 3 if mode == "fwd" else 30
+        t = best_time(run, repeats=repeats if mode != "fwd" else 1, number=number)
+        resolved = {"best": "dense (Gram of the first layer)"}.get(mode, mode)
+        emit(name="contractive_step", mode=mode, method=resolved, encoder="784-128-32 relu",
+             steps_per_s=round(1 / t, 1), ratio_to_plain=round(t / t_plain, 2))
+    # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
+    sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
+    sig_plain, _ = step_runner(sig, {}, x_all)
+    sig_cf, _ = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
+    t_sp = best_time(sig_plain, repeats=repeats, number=100)
+    t_sc = best_time(sig_cf, repeats=repeats, number=100)
+    emit(name="contractive_step", mode="sigmoid", method="closed form", encoder="784-128 sigmoid",
+         steps_per_s=round(1 / t_sc, 1), ratio_to_plain=round(t_sc / t_sp, 2))
+
+    if not args.skip_epoch:
+        emit(**epoch_time())
+
+
+def epoch_time() -> dict:
+    """Seconds for one epoch (train + validation) of full Fashion-MNIST, compile excluded.
+
+    Runs the real loop (``train_and_evaluate``) for 1 and for 3 epochs; the difference over 2 is
+    the time of an epoch, so start-up and compilation cancel out.
+    """
+    import tempfile
+
+    splits = data.load("fashion_mnist", flat=True)
+    c = train.default_config()
+    c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
+    times = {}
+    for epochs in (1, 3):
+        c.num_epochs = epochs
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            train.train_and_evaluate(c, d, splits=splits)
+            times[epochs] = time.perf_counter() - t
+    return dict(name="epoch", dataset="fashion_mnist", model="784-128-32-128-784", batch=BATCH,
+                train_examples=len(splits.train[0]), validation_examples=len(splits.validation[0]),
+                seconds=round((times[3] - times[1]) / 2, 3))
+
+
+if __name__ == "__main__":
+    main()
