@@ -24,6 +24,7 @@ __all__ = [
     "contractive",
     "contractive_dense_input",
     "contractive_sigmoid",
+    "contractive_one_hidden",
     "contractive_higher_order",
     "gaussian_kl",
     "gaussian_log_prob",
@@ -441,3 +442,32 @@ def iwae_bound(log_weights: Array, *, axis: int = 0) -> Array:
     k = log_weights.shape[axis]
     # math.log gives a weakly typed Python float: np.log(k) would promote float32 to float64 (x64).
     return jax.scipy.special.logsumexp(log_weights, axis=axis) - math.log(k)
+
+
+def contractive_one_hidden(activation_fn: Callable[[Array], Array], pre: Array,
+                           kernel_in: Array, kernel_out: Array) -> Array:
+    """Exact contractive penalty of ``encode(x) = act(x @ W1 + b1) @ W2 + b2``: cheapest form.
+
+    The Jacobian is ``W2.T diag(act'(pre)) W1.T``, so
+    ``||J||_F^2 = sum_kl act'_k act'_l (W1.T W1)_kl (W2 W2.T)_kl``: one ``K x K`` quadratic form
+    per example, with both Gram matrices shared by the batch. For the 784-128-32 encoder that is
+    about 25 times fewer flops than :func:`contractive_dense_input` and 800 times fewer than
+    forming the Jacobians.
+
+    Args:
+      activation_fn: the elementwise hidden activation ``act``.
+      pre: ``(B, K)`` hidden pre-activations ``x @ W1 + b1``.
+      kernel_in: ``(D, K)`` first-layer weights ``W1``.
+      kernel_out: ``(K, H)`` code-layer weights ``W2`` (the code layer must be linear).
+
+    Returns:
+      ``(B,)``.
+    """
+    if (pre.ndim != 2 or kernel_in.ndim != 2 or kernel_out.ndim != 2
+            or kernel_in.shape[1] != pre.shape[1] or kernel_out.shape[0] != pre.shape[1]):
+        raise ValueError(f"contractive_one_hidden: need pre (B, K), kernel_in (D, K), kernel_out "
+                         f"(K, H); got {pre.shape}, {kernel_in.shape}, {kernel_out.shape}.")
+    # Elementwise derivative act'(pre) by one JVP with a tangent of ones (exact, differentiable).
+    _, slope = jax.jvp(activation_fn, (pre,), (jnp.ones_like(pre),))
+    weights = (kernel_in.T @ kernel_in) * (kernel_out @ kernel_out.T)
+    return jnp.einsum("bk,kl,bl->b", slope, weights, slope)

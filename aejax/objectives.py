@@ -140,7 +140,7 @@ def kl_sparsity(layer: str = "code", *, rho: float = 0.05) -> Term:
     return term
 
 
-CONTRACTIVE_TERM_MODES = ("best", "dense", "sigmoid") + losses.CONTRACTIVE_MODES
+CONTRACTIVE_TERM_MODES = ("best", "one_hidden", "dense", "sigmoid") + losses.CONTRACTIVE_MODES
 
 
 def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
@@ -149,7 +149,8 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
 
     Args:
       mode: one of :data:`aejax.losses.CONTRACTIVE_MODES` (generic, any encoder), ``"dense"``
-        (exact, through the Gram matrix of a dense first layer, MLP encoders), ``"sigmoid"``
+        (exact, through the Gram matrix of a dense first layer, MLP encoders), ``"one_hidden"``
+        (exact, one hidden layer and a linear code: a quadratic form per example), ``"sigmoid"``
         (closed form, one-layer sigmoid MLP encoders) or ``"best"``: the fastest exact way the
         model allows.
       chunk_size: examples at a time, to bound memory.
@@ -164,8 +165,10 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
         m = mode
         if m == "best":
             one_sigmoid = is_mlp and not model.hidden and model.code_activation == "sigmoid"
-            m = "sigmoid" if one_sigmoid else ("dense" if is_mlp else "auto")
-        if m in ("dense", "sigmoid") and not is_mlp:
+            one_hidden = is_mlp and len(model.hidden) == 1 and model.code_activation == "linear"
+            m = ("sigmoid" if one_sigmoid else "one_hidden" if one_hidden
+                 else "dense" if is_mlp else "auto")
+        if m in ("dense", "sigmoid", "one_hidden") and not is_mlp:
             raise ValueError(f"contractive mode {m!r} needs an MLPAutoencoder, got "
                              f"{type(model).__name__}; use mode='auto'.")
         variables = {"params": f.params}
@@ -174,6 +177,14 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
                 raise ValueError("contractive mode 'sigmoid' is the closed form of a one-layer "
                                  "sigmoid encoder (hidden=(), code_activation='sigmoid').")
             return losses.contractive_sigmoid(f.code, f.params["encoder_0"]["kernel"])
+        if m == "one_hidden":
+            if len(model.hidden) != 1 or model.code_activation != "linear":
+                raise ValueError("contractive mode 'one_hidden' needs an MLP encoder with one hidden "
+                                 "layer and a linear code; use mode='dense'.")
+            pre = model.apply(variables, f.x_in, method=model.encode_first)
+            return losses.contractive_one_hidden(models.activation(model.activation), pre,
+                                                 f.params["encoder_0"]["kernel"],
+                                                 f.params["encoder_1"]["kernel"])
         if m == "dense":
             pre = model.apply(variables, f.x_in, method=model.encode_first)
             head = lambda p: model.apply(variables, p, method=model.encode_head)
