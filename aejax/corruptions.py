@@ -34,7 +34,7 @@ def gaussian(std: float, *, clip: bool = True) -> Corruption:
     >>> gaussian(0.0)(jax.random.PRNGKey(0), x).tolist() == x.tolist()
     True
     """
-    if std < 0:
+    if not std >= 0:  # also rejects NaN
         raise ValueError(f"gaussian: std must be >= 0, got {std}.")
 
     def corrupt(rng: Array, x: Array) -> Array:

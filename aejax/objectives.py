@@ -215,7 +215,7 @@ def linear_warmup(weight: float, steps: int) -> Callable[[Array], Array]:
     """A weight that rises linearly from 0 to ``weight`` over ``steps`` steps (KL warm-up)."""
     if steps <= 0:
         return lambda step: jnp.asarray(weight, jnp.float32)
-    return lambda step: weight * jnp.minimum(1.0, step.astype(jnp.float32) / steps)
+    return lambda step: weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / steps)
 
 
 def combine(terms: Mapping[str, tuple[Weight, Term]]) -> Objective:

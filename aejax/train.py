@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.early_stopping_min_delta = 0.0
     c.monitor = "loss"
     c.pca_baseline = True
+    c.iwae_samples = 0  # VAE: test NLL by the importance-weighted bound with this many samples
+    # Greedy layer-wise pretraining (aejax.stacking) when pretrain_epochs > 0.
+    c.stacking = ml_collections.ConfigDict(dict(pretrain_epochs=0, compare_scratch=True))
     c.figures = True
     c.num_figure_images = 10
     c.progress = True
@@ -176,8 +179,10 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         total, parts = objective(f)
         se = jnp.square(objectives.reconstruct(f.logits, reconstruction) - x)
         se = se.reshape(x.shape[0], -1).sum(axis=1)
+        code = f.activations["code"].reshape(x.shape[0], -1)
         metrics = {"loss": total, **parts, "squared_error_per_image": se,
-                   "mse_per_pixel": se / math.prod(x.shape[1:])}
+                   "mse_per_pixel": se / math.prod(x.shape[1:]),
+                   "code_mean_activation": code.mean(axis=1)}
         if "kl" in parts:
             metrics["elbo"] = -(parts["reconstruction"] + parts["kl"])
         return total, metrics
@@ -301,7 +306,12 @@ def build_experiment(config: ml_collections.ConfigDict,
         x, y = splits.train
         splits = splits._replace(train=(x[:config.data.train_examples], y[:config.data.train_examples]))
     for split_name, (x, _) in zip(("train", "validation", "test"), splits):
-        data.check_images(x, name=f"{config.data.name} {split_name} images")
+        name = f"{config.data.name} {split_name} images"
+        if config.loss.reconstruction == "bce":  # Bernoulli targets must lie in [0, 1]
+            data.check_images(x, name=name)
+        elif not np.all(np.isfinite(x)):
+            raise data.DataError(f"{name} contain {np.count_nonzero(~np.isfinite(x))} NaN or inf "
+                                 "values; clean the data first.")
     model_options = {k: v for k, v in config.model.items() if k != "name"}
     model = models.create(config.model.name, **model_options)
     terms = {k: dict(v) for k, v in config.loss.terms.items()}
@@ -363,7 +373,7 @@ def _nonfinite_error(state: TrainState, last_good: Optional[int], ckpt_dir: str)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       splits: Optional[data.Splits] = None) -> dict:
+                       splits: Optional[data.Splits] = None, init_params: Any = None) -> dict:
     """Trains, validates every epoch, checkpoints, and evaluates on the test split.
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
@@ -372,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Args:
       config: see :func:`default_config`.
       workdir: output directory (created; must be writable).
-      splits: data to use instead of loading ``config.data`` (tests).
+      splits: data to use instead of loading ``config.data`` (tests, stacked training).
+      init_params: parameters to start from instead of a random initialization (fine-tuning).
 
     Returns:
       The summary dict also written to ``summary.json``.
@@ -387,6 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_rng, data_rng, train_rng, eval_rng = jax.random.split(root, 4)
     x_train_dev = jax.device_put(x_train)
     params = models.init(exp.model, init_rng, x_train_dev[:bs])
+    if init_params is not None:
+        if jax.tree.structure(init_params) != jax.tree.structure(params):
+            raise ValueError("init_params do not have the structure of the model's parameters.")
+        params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype).reshape(a.shape), params, init_params)
     template = metrics_template(exp.per_example, params, x_train_dev[:bs])
     state = TrainState.create(params, exp.tx, template)
     best_params = jax.tree.map(jnp.copy, params)
@@ -492,6 +507,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return summary
 
 
+def load_best_params(workdir: str) -> Any:
+    """The best-validation parameters of the run in ``workdir`` (plain arrays)."""
+    ckpts = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        state, _ = ckpts.read()
+    finally:
+        ckpts.close()
+    return state["best_params"]
+
+
 def _progress_bar(cfg, total: int, initial: int):
     from tqdm.auto import tqdm
 
@@ -536,13 +561,32 @@ def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, evaluat
             test["squared_error_per_image"] < summary["pca"]["test"]["squared_error_per_image"])
         n = cfg.num_figure_images
         pca_recon = np.asarray(pca.decode(fitted, pca.encode(fitted, x_test[:n]), x_test.shape[1:]))
+    if isinstance(exp.model, models.VAE) and cfg.iwae_samples:
+        from aejax import vae
+
+        x_eval = x_test
+        if cfg.data.binarize:  # one fixed binarization of the test set, as in Burda et al.
+            x_eval = np.asarray(data.binarize(jax.random.PRNGKey(cfg.seed + 1), jnp.asarray(x_test)))
+        nll = vae.evaluate_nll(exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 2),
+                               num_samples=cfg.iwae_samples, batch_size=100,
+                               chunk_size=min(cfg.iwae_samples, 500))
+        summary["test"]["iwae_nll"] = nll
+        summary["test"]["iwae_samples"] = cfg.iwae_samples
     if cfg.figures:
         n = cfg.num_figure_images
         from aejax import figures  # matplotlib only when figures are asked for
 
         recon = reconstruct_images(exp.model, params, jnp.asarray(x_test[:n]), cfg.loss.reconstruction)
-        summary["figures"] = [os.path.basename(p) for p in figures.save_run_figures(
-            workdir, x_test[:n], recon, meta["history"], pca_recon)]
+        paths = figures.save_run_figures(workdir, x_test[:n], recon, meta["history"], pca_recon)
+        if isinstance(exp.model, models.VAE):
+            from aejax import vae
+
+            samples = np.asarray(vae.sample_prior(exp.model, params, jax.random.PRNGKey(cfg.seed),
+                                                  2 * n))
+            paths.append(figures.image_rows([samples[:n], samples[n:]], ["prior", "samples"],
+                                            os.path.join(workdir, "prior_samples.png"),
+                                            title="decoded samples from the prior N(0, I)"))
+        summary["figures"] = [os.path.basename(p) for p in paths]
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -107,8 +107,7 @@ def _iwae(encode_fn: EncodeFn, log_lik_fn: LogLikFn, x: Array, rng: Array, num_s
     posterior = encode_fn(x)  # once: the encoder does not depend on the sample
     if chunk_size is None or chunk_size >= num_samples:
         lw = _log_weights_at(posterior, log_lik_fn, x, rng, jnp.arange(num_samples))
-        # iwae_bound subtracts a NumPy float64 log(k), which under x64 would promote float32.
-        return losses.iwae_bound(lw).astype(lw.dtype)
+        return losses.iwae_bound(lw)
 
     num_chunks = -(-num_samples // chunk_size)
 

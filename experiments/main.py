@@ -31,16 +31,22 @@ def main(argv):
     ours.addHandler(handler)
     ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
-    from aejax import checkpoints, data, train
+    from aejax import checkpoints, data, stacking, train
 
+    run = stacking.run if FLAGS.config.stacking.pretrain_epochs > 0 else train.train_and_evaluate
     try:
-        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        summary = run(FLAGS.config, FLAGS.workdir)
     except (train.ConfigError, data.DataError, train.NonFiniteLossError,
             checkpoints.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "finetune" in summary:  # greedy stacking: the fine-tuned and from-scratch results
+        summary = {"stacked": summary["finetune"]["test"],
+                   "scratch": summary.get("scratch", {}).get("test"),
+                   "stacked_beats_scratch": summary.get("stacked_beats_scratch")}
     shown = {k: summary[k] for k in ("test", "pca", "autoencoder_beats_pca", "epochs_run",
-                                     "train_seconds") if k in summary}
+                                     "train_seconds", "stacked", "scratch",
+                                     "stacked_beats_scratch") if k in summary}
     print(json.dumps(shown, indent=2))
 
 

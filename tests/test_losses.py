@@ -452,6 +452,22 @@ def test_contractive_sigmoid_equals_exact_modes():
         losses.contractive_sigmoid(jnp.zeros((2, 5)), jnp.zeros((12, 4)))
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid"])
+def test_contractive_one_hidden_equals_full_encoder(act):
+    r = np.random.default_rng(38)
+    w1, b1 = jnp.asarray(r.normal(size=(D, K)) / 2), jnp.asarray(r.normal(size=K))
+    w2, b2 = jnp.asarray(r.normal(size=(K, H))), jnp.asarray(r.normal(size=H))
+    act_fn = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}[act]
+    encode_fn = lambda x: act_fn(x @ w1 + b1) @ w2 + b2
+    x = jnp.asarray(rand(39, (B, D)))
+    got = jax.jit(lambda x: losses.contractive_one_hidden(act_fn, x @ w1 + b1, w1, w2))(x)
+    np.testing.assert_allclose(got, (fd_jacobians(encode_fn, x) ** 2).sum(axis=(1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(got, losses.contractive(encode_fn, x, mode="fwd"), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"need pre \(B, K\), kernel_in \(D, K\), kernel_out "
+                                         r"\(K, H\); got \(8, 7\), \(12, 7\), \(5, 5\)"):
+        losses.contractive_one_hidden(act_fn, jnp.zeros((B, K)), w1, jnp.zeros((5, 5)))
+
+
 @pytest.mark.parametrize("mode", ["fwd", "rev", "estimate"])
 def test_contractive_gradient_wrt_parameters(mode):
     params = jax.tree.map(jnp.asarray, mlp_params(30))

@@ -1,5 +1,6 @@
 """Tests of aejax.vae against closed forms: a linear-Gaussian VAE whose log p(x) is exact."""
 
+import functools
 import math
 
 import jax
@@ -151,26 +152,37 @@ def test_exact_posterior_gives_zero_variance_bounds_equal_to_log_px(x64):
     # estimator is not zero-variance: its reconstruction term still varies with z; it is checked
     # in expectation below.)
     lg = linear_gaussian()
-    params = linear_params(lg)
     x, rng = jnp.asarray(lg["x"]), jax.random.PRNGKey(5)
-    lw = vae.log_weights(LINEAR_MODEL, params, x, rng, 16)
+
+    @jax.jit
+    def bounds(params):
+        return (vae.log_weights(LINEAR_MODEL, params, x, rng, 16),
+                vae.iwae(LINEAR_MODEL, params, x, rng, num_samples=1),
+                vae.iwae(LINEAR_MODEL, params, x, rng, num_samples=7, chunk_size=3),
+                vae.elbo(LINEAR_MODEL, params, x, rng))
+
+    lw, iwae_1, iwae_7, elbo_1 = bounds(linear_params(lg))
     assert lw.shape == (16, 8)
-    assert np.ptp(np.asarray(vae.elbo(LINEAR_MODEL, params, x, rng) - lg["log_px"])) > 0.1
     np.testing.assert_allclose(lw, np.broadcast_to(lg["log_px"], (16, 8)), rtol=0, atol=1e-10)
-    np.testing.assert_allclose(vae.iwae(LINEAR_MODEL, params, x, rng, num_samples=1),
-                               lg["log_px"], rtol=0, atol=1e-10)
-    np.testing.assert_allclose(vae.iwae(LINEAR_MODEL, params, x, rng, num_samples=7, chunk_size=3),
-                               lg["log_px"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(iwae_1, lg["log_px"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(iwae_7, lg["log_px"], rtol=0, atol=1e-10)
+    assert np.ptp(np.asarray(elbo_1 - lg["log_px"])) > 0.1
+    # A wrong encoder breaks the constancy, so the checks above can fail.
+    lw_wrong = bounds(linear_params(lg, **WRONG))[0]
+    assert np.all(np.asarray(lw_wrong).std(axis=0) > 0.1)
+
+
+@functools.partial(jax.jit, static_argnames="num_samples")
+def _linear_elbos(params, x, keys, num_samples):
+    return jax.vmap(lambda r: vae.elbo(LINEAR_MODEL, params, x, r, num_samples=num_samples))(keys)
 
 
 @pytest.mark.parametrize("shifts", [{}, WRONG], ids=["exact_posterior", "wrong_encoder"])
 def test_elbo_equals_log_px_minus_posterior_kl(x64, shifts):
     lg = linear_gaussian()
-    params = linear_params(lg, **shifts)
-    x = jnp.asarray(lg["x"])
-    run = jax.jit(jax.vmap(lambda r: vae.elbo(LINEAR_MODEL, params, x, r, num_samples=500)))
-    runs = np.asarray(run(jax.random.split(jax.random.PRNGKey(6), 20)))  # (20, B)
-    mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))
+    keys = jax.random.split(jax.random.PRNGKey(6), 20)
+    runs = np.asarray(_linear_elbos(linear_params(lg, **shifts), jnp.asarray(lg["x"]), keys, 500))
+    mc, se = runs.mean(0), runs.std(0, ddof=1) / math.sqrt(len(runs))  # over 20 runs: (B,)
     kl = posterior_kl(lg, **shifts)
     np.testing.assert_array_less(np.abs(mc - (lg["log_px"] - kl)), 4 * se + 1e-9)
     np.testing.assert_array_less(mc, lg["log_px"] + 4 * se)
@@ -182,11 +194,17 @@ def test_iwae_with_one_sample_is_the_elbo_in_expectation(x64):
     lg = linear_gaussian()
     params = linear_params(lg, **WRONG)
     x, rng = jnp.asarray(lg["x"]), jax.random.PRNGKey(7)
-    # The same key gives the same sample: iwae(k=1) is exactly the first log-weight.
-    np.testing.assert_allclose(vae.iwae(LINEAR_MODEL, params, x, rng, num_samples=1),
-                               vae.log_weights(LINEAR_MODEL, params, x, rng, 1)[0], rtol=1e-14)
-    run = jax.jit(jax.vmap(lambda r: vae.iwae(LINEAR_MODEL, params, x, r, num_samples=1)))
-    draws = np.asarray(run(jax.random.split(rng, 20_000)))  # (R, B)
+    keys = jax.random.split(rng, 20_000)
+
+    @jax.jit
+    def run(keys):
+        # The same key gives the same sample: iwae(k=1) is exactly the first log-weight.
+        return (jax.vmap(lambda r: vae.iwae(LINEAR_MODEL, params, x, r, num_samples=1))(keys),
+                vae.log_weights(LINEAR_MODEL, params, x, keys[0], 1)[0])
+
+    draws, first_weight = run(keys)
+    np.testing.assert_allclose(draws[0], first_weight, rtol=1e-14)
+    draws = np.asarray(draws)  # (R, B)
     mc, se = draws.mean(0), draws.std(0, ddof=1) / math.sqrt(len(draws))
     kl = posterior_kl(lg, **WRONG)
     np.testing.assert_array_less(np.abs(mc - (lg["log_px"] - kl)), 4 * se)
@@ -197,15 +215,21 @@ def test_iwae_rises_toward_log_px_with_k(x64):
     lg = linear_gaussian()
     params = linear_params(lg, **WRONG)
     x = jnp.asarray(lg["x"])
-    keys = jax.random.split(jax.random.PRNGKey(8), 10)
-    means, ses = [], []
-    for k in (1, 10, 100, 1000):
-        run = jax.jit(jax.vmap(lambda r, k=k: vae.iwae(LINEAR_MODEL, params, x, r, num_samples=k,
-                                                       chunk_size=250)))
-        per_run = np.asarray(run(keys)).mean(axis=1)  # mean over examples, per key: (10,)
-        means.append(per_run.mean())
-        ses.append(per_run.std(ddof=1) / math.sqrt(len(per_run)))
-    means, ses = np.array(means), np.array(ses)
+    ks = (1, 10, 100, 1000)
+
+    # One compilation for all k: IWAE_k of the first k samples, as vae.iwae draws them.
+    @jax.jit
+    def run(keys):
+        lw = jax.vmap(lambda r: vae.log_weights(LINEAR_MODEL, params, x, r, ks[-1]))(keys)
+        chunked = jax.vmap(lambda r: vae.iwae(LINEAR_MODEL, params, x, r, num_samples=ks[-1],
+                                              chunk_size=300))(keys)
+        return [losses.iwae_bound(lw[:, :k], axis=1) for k in ks], chunked
+
+    bounds, chunked = run(jax.random.split(jax.random.PRNGKey(8), 10))
+    np.testing.assert_allclose(chunked, bounds[-1], rtol=1e-12)
+    per_key = np.stack([np.asarray(b).mean(axis=1) for b in bounds])  # (len(ks), keys)
+    means = per_key.mean(axis=1)
+    ses = per_key.std(axis=1, ddof=1) / math.sqrt(per_key.shape[1])
     log_px = lg["log_px"].mean()
     gaps = log_px - means
     assert gaps[0] > 1.0  # a visibly wrong encoder
@@ -225,18 +249,26 @@ def bernoulli_vae():
     return model, params, x
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 37, 100])
-def test_iwae_chunked_equals_unchunked(bernoulli_vae, chunk_size):
+def test_iwae_chunked_equals_unchunked(bernoulli_vae):
     model, params, x = bernoulli_vae
     rng = jax.random.PRNGKey(11)
-    whole = vae.iwae(model, params, x, rng, num_samples=37)
-    np.testing.assert_allclose(whole, losses.iwae_bound(vae.log_weights(model, params, x, rng, 37)),
-                               rtol=1e-6)
-    chunked = vae.iwae(model, params, x, rng, num_samples=37, chunk_size=chunk_size)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    chunk_sizes = (1, 5, 37, 100)  # 37 = k: one chunk; 5: the last chunk is padded
+
+    @jax.jit
+    def run(params):
+        whole = vae.iwae(model, params, x, rng, num_samples=37)
+        chunked = [vae.iwae(model, params, x, rng, num_samples=37, chunk_size=c)
+                   for c in chunk_sizes]
+        lw = vae.log_weights(model, params, x, rng, 37)
+        other = vae.iwae(model, params, x, jax.random.PRNGKey(12), num_samples=37, chunk_size=5)
+        return whole, chunked, lw, other
+
+    whole, chunked, lw, other = run(params)
+    np.testing.assert_allclose(whole, losses.iwae_bound(lw), rtol=1e-6)
+    for c, bound in zip(chunk_sizes, chunked):
+        np.testing.assert_allclose(bound, whole, rtol=1e-6, err_msg=f"chunk_size={c}")
     # A different key gives a different bound, so the agreement above is not vacuous.
-    assert np.all(np.abs(vae.iwae(model, params, x, jax.random.PRNGKey(12), num_samples=37)
-                         - whole) > 1e-4)
+    assert np.all(np.abs(other - whole) > 1e-4)
 
 
 def test_iwae_gradients_do_not_depend_on_chunking(bernoulli_vae):
@@ -246,8 +278,8 @@ def test_iwae_gradients_do_not_depend_on_chunking(bernoulli_vae):
     def loss(p, chunk_size):
         return -vae.iwae(model, p, x, rng, num_samples=37, chunk_size=chunk_size).mean()
 
-    whole = jax.grad(loss)(params, None)
-    chunked = jax.grad(loss)(params, 5)  # the last chunk is padded with -inf log-weights
+    # chunk_size=5 pads the last chunk with -inf log-weights, which must not poison gradients.
+    whole, chunked = jax.jit(lambda p: (jax.grad(loss)(p, None), jax.grad(loss)(p, 5)))(params)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
         assert np.all(np.isfinite(b))
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -277,7 +309,8 @@ def test_sample_prior_gaussian_has_the_model_covariance(x64):
     n = 50_000
     for mean, cov in ((True, lg["w"] @ lg["w"].T),
                       (False, lg["w"] @ lg["w"].T + lg["s"] ** 2 * np.eye(D))):
-        xs = np.asarray(vae.sample_prior(LINEAR_MODEL, params, jax.random.PRNGKey(17), n, mean=mean))
+        xs = vae.sample_prior(LINEAR_MODEL, params, jax.random.PRNGKey(17), n, mean=mean)
+        xs = np.asarray(xs)
         assert xs.shape == (n, D) and xs.dtype == np.float64
         sd = np.sqrt(np.diag(cov))
         np.testing.assert_array_less(np.abs(xs.mean(0) - lg["b"]), 4 * sd / math.sqrt(n))
