@@ -1,0 +1,167 @@
+"""The data-parallel steps against the single-device step on 8 CPU devices; prints one JSON line.
+
+Run by tests/test_parallel.py in a subprocess (the device count is fixed when JAX starts):
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_check.py RTOL ATOL``.
+Compiling dominates its time; the test also passes ``--xla_backend_optimization_level=0``, which
+halves that and, applying to both sides of every comparison, changes nothing compared.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aejax import models, objectives, parallel, train
+
+NUM_STEPS = 5
+BATCH = 64
+
+
+def allclose(a, b, rtol, atol) -> dict:
+    """``np.allclose`` over every leaf of two trees, with the largest absolute difference."""
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    assert len(la) == len(lb)
+    ok = all(np.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(la, lb))
+    diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(la, lb))
+    return {"allclose": bool(ok), "max_abs_diff": diff}
+
+
+def random_params(model, x, seed: int = 0):
+    """Parameters shaped as ``models.init`` makes them, drawn in numpy: no init to compile."""
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), x))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def run(step, state, batches, rng, place):
+    """``NUM_STEPS`` steps; the final state and every step's metrics."""
+    metrics = []
+    for batch in batches:
+        state, m = step(state, place(batch), rng)
+        metrics.append(m)
+    return state, metrics
+
+
+def counting(per_example):
+    """``per_example`` that counts its calls: one per trace of a step built on it."""
+    calls = {"n": 0}
+
+    def fn(*args):
+        calls["n"] += 1
+        return per_example(*args)
+
+    return fn, calls
+
+
+def uneven_masks(num_devices: int) -> np.ndarray:
+    """0/1 masks whose shards hold different numbers of real examples (one shard none at all)."""
+    masks = (np.random.default_rng(7).random((NUM_STEPS, BATCH)) > 0.3).astype(np.float32)
+    masks[2, : BATCH // num_devices] = 0.0
+    return masks
+
+
+def main(rtol: float, atol: float) -> dict:
+    t0 = time.time()
+    d = jax.device_count()
+    assert d == 8, f"expected 8 CPU devices, got {d}; set XLA_FLAGS before JAX starts"
+    xs = np.random.default_rng(0).random((NUM_STEPS, BATCH, 16), dtype=np.float32)
+    masks = uneven_masks(d)
+    tx = optax.adam(1e-2)
+    rng = jax.random.PRNGKey(1)
+    mesh = parallel.make_mesh()
+    mlp = models.MLPAutoencoder(input_shape=(16,), hidden=(8,), code_size=4, activation="tanh")
+    vae = models.VAE(input_shape=(16,), hidden=(8,), latent_size=4)
+    cases = {
+        # The BCE case carries uneven masks: the weighting by counts is what makes it pass.
+        "bce": (mlp, objectives.build("bce", {}), True),
+        "contractive": (mlp, objectives.build("bce", {"contractive": {"weight": 0.1, "mode": "rev"}}),
+                        False),
+        "vae": (vae, objectives.build("bce", {"kl": {"weight": 1.0}}), False),
+    }
+    out = {"devices": d, "cases": {}}
+    for name, (model, objective, masked) in cases.items():
+        per_example = train.make_per_example_fn(model, objective)
+        params = random_params(model, jnp.asarray(xs[0]))
+        template = train.metrics_template(per_example, params, jnp.asarray(xs[0]))
+        # A fresh copy each time: the parallel steps donate (delete) the state they are given.
+        fresh = lambda: train.TrainState.create(jax.tree.map(jnp.copy, params), tx, template)
+        batches = [dict(x=xs[i], **({"mask": masks[i]} if masked else {})) for i in range(NUM_STEPS)]
+
+        single = jax.jit(train.make_train_step(per_example, tx))
+        ref, ref_metrics = run(single, fresh(), batches, rng, lambda b: b)
+        # The pmap step draws per-shard noise; its single-device twin draws the same.
+        pmap_ref, pmap_ref_metrics = ref, ref_metrics
+        if name == "vae":
+            twin = jax.jit(train.make_train_step(parallel.shardwise(per_example, d), tx))
+            pmap_ref, pmap_ref_metrics = run(twin, fresh(), batches, rng, lambda b: b)
+
+        counted, pcalls = counting(per_example)
+        pstep = parallel.make_pmap_step(counted, tx)
+        pstate, pmetrics = run(pstep, parallel.replicate(fresh()), batches, rng,
+                               lambda b: parallel.shard_batch(b, d))
+        pmap_traces = pcalls["n"]
+        leaves = jax.tree.leaves(jax.device_get(pstate.params))
+        res = {"pmap": {
+            "params": allclose(parallel.unreplicate(pstate).params, pmap_ref.params, rtol, atol),
+            "metrics": allclose(parallel.unreplicate(pmetrics), pmap_ref_metrics, rtol, atol),
+            "replicas_identical": all(bool(np.all(a == a[:1])) for a in leaves),
+            "traces": pmap_traces}}
+        if name == "vae":
+            again, _ = run(pstep, parallel.replicate(fresh()), batches, rng,
+                           lambda b: parallel.shard_batch(b, d))
+            res["pmap"]["reproducible"] = all(
+                bool(np.array_equal(a, b)) for a, b in zip(
+                    jax.tree.leaves(jax.device_get(again.params)), leaves))
+            res["pmap"]["max_abs_diff_to_whole_batch_noise"] = allclose(
+                parallel.unreplicate(pstate).params, ref.params, rtol, atol)["max_abs_diff"]
+            res["pmap"]["traces_after_rerun"] = pcalls["n"]
+
+        counted, scalls = counting(per_example)
+        sstep = parallel.make_sharded_step(counted, tx, mesh)
+        sstate, smetrics = run(sstep, parallel.replicate_on(fresh(), mesh), batches, rng,
+                               lambda b: parallel.shard(b, mesh))
+        res["sharded"] = {"params": allclose(sstate.params, ref.params, rtol, atol),
+                          "metrics": allclose(smetrics, ref_metrics, rtol, atol),
+                          "traces": scalls["n"]}
+        res["moved_from_init"] = allclose(ref.params, params, rtol, atol)["max_abs_diff"]
+
+        if name == "bce":
+            res["padding"] = check_padding(single, ref, pstep, pstate, sstep, sstate, rng, mesh,
+                                           rtol, atol)
+            res["pmap"]["traces_after_padding"] = pcalls["n"]
+            res["sharded"]["traces_after_padding"] = scalls["n"]
+        out["cases"][name] = res
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def check_padding(single, ref, pstep, pstate, sstep, sstate, rng, mesh, rtol, atol) -> dict:
+    """A 60-example batch: refused as is; padded to 64 with mask 0, exact against 60 on one device."""
+    d = jax.device_count()
+    x60 = np.random.default_rng(3).random((60, 16), dtype=np.float32)
+    errors = {}
+    for where, call in (("shard_batch", lambda: parallel.shard_batch({"x": x60}, d)),
+                        ("shard", lambda: parallel.shard({"x": x60}, mesh)),
+                        ("sharded_step", lambda: sstep(sstate, {"x": x60}, rng))):
+        try:
+            call()
+            errors[where] = None
+        except ValueError as e:
+            errors[where] = str(e)
+    padded = parallel.pad_to_multiple({"x": x60}, d)
+    want, want_metrics = single(ref, {"x": x60}, rng)
+    pstate, pmetrics = pstep(pstate, parallel.shard_batch(padded, d), rng)
+    sstate, smetrics = sstep(sstate, parallel.shard(padded, mesh), rng)
+    return {"errors": errors, "padded_size": int(padded["x"].shape[0]),
+            "pmap": allclose(parallel.unreplicate(pstate).params, want.params, rtol, atol),
+            "pmap_metrics": allclose(parallel.unreplicate(pmetrics), want_metrics, rtol, atol),
+            "sharded": allclose(sstate.params, want.params, rtol, atol),
+            "sharded_metrics": allclose(smetrics, want_metrics, rtol, atol)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(float(sys.argv[1]), float(sys.argv[2]))))
