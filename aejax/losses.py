@@ -101,8 +101,11 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
 
     Args:
       logits: ``(B, ...)`` decoder outputs before the sigmoid.
-      targets: same shape, values in [0, 1] (checked by ``aejax.data.check_images`` on data
-        entering the library; traced values cannot be checked here).
+      targets: same shape, values in [0, 1]. Concrete (non-traced) targets are checked here;
+        inside ``jit`` the data are checked where they enter (``aejax.data.check_images``).
+
+    Raises:
+      ValueError: concrete targets outside [0, 1] (or NaN).
 
     Returns:
       ``(B,)`` nats per example.
@@ -111,6 +114,12 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
     0.6931
     """
     _check_pair(logits, targets, "bce_with_logits")
+    if not isinstance(targets, jax.core.Tracer):
+        lo, hi = float(jnp.min(targets)), float(jnp.max(targets))
+        if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
+            raise ValueError(f"bce_with_logits: targets must lie in [0, 1] (Bernoulli means), got "
+                             f"values in [{lo}, {hi}]. Scale images by 1/255, or use mse for "
+                             "real-valued targets.")
     per_pixel = targets * jax.nn.softplus(-logits) + (1 - targets) * jax.nn.softplus(logits)
     return _sum_per_example(per_pixel)
 

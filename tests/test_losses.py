@@ -521,3 +521,10 @@ def test_contractive_higher_order_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode must be 'fwd' or 'rev', got 'auto'"):
         losses.contractive_higher_order(jnp.tanh, jnp.zeros((2, 3)), key(0),
                                         mode="auto")
+
+
+def test_bce_rejects_concrete_targets_outside_unit_interval():
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\].*1/255"):
+        losses.bce_with_logits(jnp.zeros((2, 3)), jnp.full((2, 3), 255.0))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        losses.bce_with_logits(jnp.zeros((1, 2)), jnp.array([[0.5, jnp.nan]]))
