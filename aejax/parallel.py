@@ -1,4 +1,4 @@
-"""Data-parallel train steps: the pure step of :mod:`aejax.train` over several devices.
+"""Data-parallel train steps: the pure step of :mod:`aejax.step` over several devices.
 
 Both steps give what ``train.make_train_step`` gives on the same global batch (same loss, same
 optimizer), up to the order of float32 reductions.
@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from aejax import train
+from aejax.step import PerExampleFn, apply_gradients, make_train_step
 
 Array = jax.Array
 
@@ -78,7 +78,7 @@ def pad_to_multiple(batch: Mapping[str, Any], multiple: int) -> dict:
     return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in out.items()}
 
 
-def shardwise(per_example: train.PerExampleFn, num_shards: int) -> train.PerExampleFn:
+def shardwise(per_example: PerExampleFn, num_shards: int) -> PerExampleFn:
     """``per_example`` applied shard by shard, as the pmap step applies it, on one device.
 
     The batch ``(B, ...)`` is cut into ``num_shards`` contiguous shards; shard ``d`` draws from
@@ -129,30 +129,13 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda a: a[0], tree)
 
 
-def _apply_gradients(tx: optax.GradientTransformation, state: train.TrainState, grads,
-                     metrics: dict):
-    # Mirrors the second half of train.make_train_step; the tests hold the two equal.
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-                   update_norm=optax.tree.norm(updates))
-    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
-    first_bad = (state.bad_step < 0) & ~finite
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        bad_step=jnp.where(first_bad, state.step, state.bad_step),
-        bad_metrics=jax.tree.map(lambda old, new: jnp.where(first_bad, new, old),
-                                 state.bad_metrics, metrics))
-    return new_state, metrics
-
-
-def make_pmap_step(per_example: train.PerExampleFn, tx: optax.GradientTransformation, *,
+def make_pmap_step(per_example: PerExampleFn, tx: optax.GradientTransformation, *,
                    axis_name: str = "batch"):
     """``step(state, batch, rng) -> (state, metrics)`` over a leading device axis (``jax.pmap``).
 
     Args:
       per_example: ``fn(params, batch, rng, step) -> (total (B,), metrics)``
-        (:func:`aejax.train.make_per_example_fn`).
+        (:func:`aejax.step.make_per_example_fn`).
       tx: the optimizer.
       axis_name: name of the device axis (pass the same to :func:`replicate`).
 
@@ -161,6 +144,18 @@ def make_pmap_step(per_example: train.PerExampleFn, tx: optax.GradientTransforma
       (entries ``(D, B / D, ...)``, optional ``mask``) and one ``rng`` for the run (not
       replicated). State is donated; state and metrics come back with the device axis (every
       copy equal; take one with :func:`unreplicate`).
+    """
+
+    return jax.pmap(make_device_step(per_example, tx, axis_name=axis_name), axis_name=axis_name,
+                    in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def make_device_step(per_example: PerExampleFn, tx: optax.GradientTransformation, *,
+                     axis_name: str = "batch"):
+    """The per-device body of :func:`make_pmap_step`, to run under ``jax.pmap`` over ``axis_name``.
+
+    ``step(state, batch, rng) -> (state, metrics)`` with this device's shard of the batch, for
+    callers that gather their shard themselves inside the mapped function.
     """
 
     def shard_sums(params, batch, rng, step):
@@ -179,9 +174,9 @@ def make_pmap_step(per_example: train.PerExampleFn, tx: optax.GradientTransforma
         grads, sums = jax.grad(shard_sums, has_aux=True)(state.params, batch, shard_rng, state.step)
         grads = jax.tree.map(lambda g: g / count, jax.lax.psum(grads, axis_name))
         metrics = jax.tree.map(lambda s: s / count, jax.lax.psum(sums, axis_name))
-        return _apply_gradients(tx, state, grads, metrics)
+        return apply_gradients(tx, state, grads, metrics)
 
-    return jax.pmap(step_fn, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+    return step_fn
 
 
 # --------------------------------------------------------------------------- jit + shardings
@@ -213,7 +208,7 @@ def replicate_on(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def make_sharded_step(per_example: train.PerExampleFn, tx: optax.GradientTransformation,
+def make_sharded_step(per_example: PerExampleFn, tx: optax.GradientTransformation,
                       mesh: Mesh, *, data_axis: str = "data"):
     """``train.make_train_step`` jitted with the batch split over ``data_axis`` of ``mesh``.
 
@@ -221,7 +216,7 @@ def make_sharded_step(per_example: train.PerExampleFn, tx: optax.GradientTransfo
     whose size does not divide over the axis raises ``ValueError`` before anything is traced.
 
     Args:
-      per_example: as for :func:`aejax.train.make_train_step`.
+      per_example: as for :func:`aejax.step.make_train_step`.
       tx: the optimizer.
       mesh: from :func:`make_mesh`.
       data_axis: the mesh axis that splits the batch.
@@ -231,7 +226,7 @@ def make_sharded_step(per_example: train.PerExampleFn, tx: optax.GradientTransfo
     """
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P(data_axis))
-    jitted = jax.jit(train.make_train_step(per_example, tx),
+    jitted = jax.jit(make_train_step(per_example, tx),
                      in_shardings=(replicated, split, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0)
     num_devices = mesh.shape[data_axis]

@@ -1,0 +1,162 @@
+"""The pure train step and evaluation: ``TrainState``, the per-example objective, one update.
+
+Every step of aejax (single device, :mod:`aejax.parallel`'s pmap and sharded steps) takes its
+gradients its own way and then calls :func:`apply_gradients`, so the update is written once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aejax import corruptions, data, objectives
+
+Array = jax.Array
+PerExampleFn = Callable[[Any, Mapping[str, Array], Array, Array], tuple[Array, dict[str, Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes.
+
+    Attributes:
+      step: number of steps taken.
+      params: model parameters.
+      opt_state: optimizer state.
+      bad_step: first step whose loss was not finite, -1 while all were finite.
+      bad_metrics: the metrics of that step (which term went bad).
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    bad_step: Array
+    bad_metrics: Any
+
+    @classmethod
+    def create(cls, params: Any, tx: optax.GradientTransformation,
+               metrics_template: Mapping[str, Any]) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   bad_step=jnp.full((), -1, jnp.int32),
+                   bad_metrics=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                            dict(metrics_template)))
+
+
+def make_per_example_fn(model, objective: objectives.Objective, *,
+                        corrupt: Optional[corruptions.Corruption] = None, binarize: bool = False,
+                        reconstruction: str = "bce") -> PerExampleFn:
+    """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
+
+    ``batch`` has ``x`` (clean images) and optionally ``mask`` (B,). Binarization and corruption
+    draw from ``rng``; metrics hold every objective term, the reconstruction errors and, for
+    models with a KL term, the ELBO.
+    """
+
+    def fn(params, batch, rng, step):
+        x = batch["x"]
+        mask = batch.get("mask")
+        r_bin, r_cor, r_fwd = jax.random.split(rng, 3)
+        if binarize:
+            x = data.binarize(r_bin, x)
+        x_in = corrupt(r_cor, x) if corrupt is not None else x
+        f = objectives.forward(model, params, x, x_in, rng=r_fwd, step=step, mask=mask)
+        total, parts = objective(f)
+        se = jnp.square(objectives.reconstruct(f.logits, reconstruction) - x)
+        se = se.reshape(x.shape[0], -1).sum(axis=1)
+        code = f.activations["code"].reshape(x.shape[0], -1)
+        metrics = {"loss": total, **parts, "squared_error_per_image": se,
+                   "mse_per_pixel": se / math.prod(x.shape[1:]),
+                   "code_mean_activation": code.mean(axis=1)}
+        if "kl" in parts:
+            metrics["elbo"] = -(parts["reconstruction"] + parts["kl"])
+        return total, metrics
+
+    return fn
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads,
+                    metrics: Mapping[str, Array]) -> tuple[TrainState, dict]:
+    """One optimizer update from ``grads``; the state after it and ``metrics`` with the norms.
+
+    Adds ``grad_norm``, ``param_norm`` and ``update_norm`` to ``metrics``; a non-finite metric
+    records the step and the metrics in ``state.bad_step`` / ``state.bad_metrics`` (first one
+    only), so the loop can stop with the term that diverged without a host sync every step.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates))
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    first_bad = (state.bad_step < 0) & ~finite
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        bad_step=jnp.where(first_bad, state.step, state.bad_step),
+        bad_metrics=jax.tree.map(lambda old, new: jnp.where(first_bad, new, old),
+                                 state.bad_metrics, metrics))
+    return new_state, metrics
+
+
+def make_train_step(per_example: PerExampleFn, tx: optax.GradientTransformation):
+    """The pure step ``train_step(state, batch, rng) -> (state, metrics)``.
+
+    ``rng`` is the run's key; the step folds in ``state.step`` so every step draws fresh noise
+    and a resumed run draws the same noise as an uninterrupted one.
+    """
+
+    def loss_fn(params, batch, rng, step):
+        total, metrics = per_example(params, batch, rng, step)
+        mask = batch.get("mask", jnp.ones_like(total))
+        means = {k: objectives.masked_mean(v, mask) for k, v in metrics.items()}
+        return means["loss"], means
+
+    def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
+        step_rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_rng, state.step)
+        return apply_gradients(tx, state, grads, metrics)
+
+    return train_step
+
+
+def metrics_template(per_example: PerExampleFn, params, x_example: Array) -> dict:
+    """Shapes of the step's metrics (scalars), found without running anything."""
+    total, metrics = jax.eval_shape(per_example, params, {"x": x_example},
+                                    jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
+    names = list(metrics) + ["grad_norm", "param_norm", "update_norm"]
+    return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in names}
+
+
+def make_evaluate(per_example: PerExampleFn):
+    """``evaluate(params, xs (N, B, ...), masks (N, B), rng, step) -> {metric: mean}`` in one call.
+
+    Batches are scanned inside one jitted call; padded examples (mask 0) do not count.
+    """
+
+    def evaluate(params, xs, masks, rng, step):
+        def body(sums, inputs):
+            i, x, mask = inputs
+            _, metrics = per_example(params, {"x": x, "mask": mask}, jax.random.fold_in(rng, i), step)
+            return jax.tree.map(lambda s, v: s + (v * mask).sum(), sums, metrics), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros((), s.dtype),
+                             jax.eval_shape(lambda: per_example(params, {"x": xs[0]}, rng, step)[1]))
+        sums, _ = jax.lax.scan(body, zeros, (jnp.arange(xs.shape[0]), xs, masks))
+        count = masks.sum()
+        return jax.tree.map(lambda s: s / count, sums)
+
+    return evaluate
+
+
+def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` padded with zeros to whole batches: ``(N, batch_size, ...)`` and a 0/1 mask ``(N, batch_size)``."""
+    n = len(x)
+    num = -(-n // batch_size)
+    pad = num * batch_size - n
+    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return xp.reshape((num, batch_size) + x.shape[1:]), mask.reshape(num, batch_size)
