@@ -71,7 +71,9 @@ def main() -> None:
              + (f" --only={args.only}" if args.only else "")
              + (f" --epochs={args.epochs}" if args.epochs else "") + "` on 2 CPU cores.",
              "Squared error per test image (sum over 784 pixels, Hinton & Salakhutdinov's measure) "
-             "for the best-validation parameters; PCA at the same code size; terms in nats.", "",
+             "for the best-validation parameters; PCA at the same code size; terms in nats. The VAE "
+             "trains on dynamically binarized images, so its errors are against binary targets; "
+             "`seconds` is wall time on a shared machine.", "",
              "| config | epochs | test SE/image | PCA SE/image | mean code activation | terms | seconds |",
              "|---|---|---|---|---|---|---|"]
     lines += [row(n, s) for n, s in results.items()]
