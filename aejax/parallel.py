@@ -28,8 +28,10 @@ batch in the sharded step but only their shard in the pmap step, as ``shardwise`
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,9 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from aejax.step import PerExampleFn, apply_gradients, make_train_step
+from aejax import distributed
+from aejax.data import epoch_permutation
+from aejax.step import PerExampleFn, apply_gradients, make_train_step, pad_batches
 
 Array = jax.Array
 
@@ -155,7 +159,8 @@ def make_device_step(per_example: PerExampleFn, tx: optax.GradientTransformation
     """The per-device body of :func:`make_pmap_step`, to run under ``jax.pmap`` over ``axis_name``.
 
     ``step(state, batch, rng) -> (state, metrics)`` with this device's shard of the batch, for
-    callers that gather their shard themselves inside the mapped function.
+    callers that gather their shard themselves inside the mapped function
+    (:meth:`Placement.fused_step`).
     """
 
     def shard_sums(params, batch, rng, step):
@@ -237,3 +242,217 @@ def make_sharded_step(per_example: PerExampleFn, tx: optax.GradientTransformatio
         return jitted(state, batch, rng)
 
     return step
+
+
+# --------------------------------------------------------------------------- the train loop's placement
+
+MODES = ("none", "pmap", "sharded")
+PMAP_AXIS = "batch"
+DATA_AXIS = "data"
+
+
+def _is_placed(a, sharding) -> bool:
+    return isinstance(a, jax.Array) and a.sharding == sharding
+
+
+def _global(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` as global arrays with ``sharding``; every process passes the same values."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: a if _is_placed(a, sharding) else
+                        jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where :func:`aejax.train.train_and_evaluate` keeps the state, the data and each batch.
+
+    * ``none``: one device.
+    * ``pmap``: a copy of the state on each of ``num_devices`` local devices (leading axis), each
+      device gathering its contiguous shard of every global batch (:func:`make_device_step`).
+    * ``sharded``: global arrays on a one-axis mesh over every device of every process: the
+      state and the device-resident data replicated, every batch split on ``data``.
+
+    The step sees the same global batches in every mode, so the runs agree up to the order of
+    float32 sums (and, for ``pmap``, the per-device noise its module docstring describes).
+    Checkpoints and evaluation use one copy of the state (:meth:`single`).
+    """
+
+    mode: str
+    num_devices: int
+    mesh: Optional[Mesh] = None
+
+    @classmethod
+    def create(cls, mode: str, num_devices: int) -> "Placement":
+        if mode not in MODES:
+            raise ValueError(f"Unknown parallel mode {mode!r}; choose one of {MODES}.")
+        if mode == "sharded":
+            return cls(mode, num_devices, make_mesh(num_devices, data_axis=DATA_AXIS))
+        if mode == "pmap":
+            return cls(mode, num_devices, _pmap_sharding(num_devices, PMAP_AXIS).mesh)
+        return cls(mode, 1)
+
+    @property
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def _split(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    # -- placing and fetching
+
+    def state(self, tree: Any) -> Any:
+        """A single copy of ``tree`` (state, metric accumulator) placed as the step takes it."""
+        if self.mode == "pmap":
+            return replicate(tree, self.num_devices, axis_name=PMAP_AXIS)
+        if self.mode == "sharded":
+            return _global(tree, self._replicated)
+        return jax.device_put(tree)
+
+    def single(self, tree: Any) -> Any:
+        """One copy of a placed ``tree``: what is checkpointed and evaluated."""
+        if self.mode == "pmap":
+            device = jax.local_devices()[0]
+            return jax.tree.map(lambda a: jax.device_put(a[0], device), tree)
+        return tree
+
+    def fetch(self, tree: Any) -> Any:
+        """One copy of a placed ``tree`` as numpy arrays (every process gets it)."""
+        return to_host(self.single(tree))
+
+    def data(self, x: np.ndarray) -> Any:
+        """The whole training set on every device, for the device-resident path."""
+        return self.state(x)
+
+    def permutation(self, rng: Array, num_examples: int, epoch: int) -> Any:
+        """The epoch's example order (:func:`aejax.data.epoch_permutation`), placed for the step."""
+        if self.mode == "sharded":
+            fn = _permutation_fn(num_examples, self._replicated)
+        else:
+            fn = _permutation_fn(num_examples, None)
+        perm = fn(rng, epoch)
+        return self.state(np.asarray(perm)) if self.mode == "pmap" else perm
+
+    def batch(self, global_size: int, local: Mapping[str, np.ndarray]) -> dict:
+        """A global batch from this process's rows ``local`` (:func:`process_rows`), placed.
+
+        Transfers start at once and run while the device computes (``device_put`` is
+        asynchronous), which is what :func:`prefetch_to_device` relies on.
+        """
+        if self.mode == "pmap":
+            return jax.device_put(shard_batch(local, self.num_devices),
+                                  _pmap_sharding(self.num_devices, PMAP_AXIS))
+        if self.mode == "sharded":
+            return {k: jax.make_array_from_process_local_data(
+                self._split, np.asarray(v), (global_size,) + np.shape(v)[1:])
+                for k, v in local.items()}
+        return jax.device_put(dict(local))
+
+    def eval_batches(self, x: np.ndarray, batch_size: int) -> tuple[Any, Any]:
+        """``(xs (N, B, ...), masks (N, B))`` of a whole split, placed for ``make_evaluate``.
+
+        ``sharded``: each process reads only its even part of the split (as
+        ``tfds.split_for_jax_process``) into its columns of every batch; the masked sums of
+        ``make_evaluate`` then reduce over all processes, so every example counts once.
+        """
+        if self.mode != "sharded":
+            xs, masks = pad_batches(x, batch_size)
+            return jax.device_put(xs), jax.device_put(masks)
+        count = jax.process_count()
+        if batch_size % self.num_devices:
+            raise ValueError(f"An evaluation batch of {batch_size} does not split over "
+                             f"{self.num_devices} devices.")
+        local_size = batch_size // count
+        part = x[distributed.even_split(len(x), count, jax.process_index())]
+        largest = -(-len(x) // count)
+        num = max(-(-largest // local_size), 1)  # the same on every process
+        xs = np.zeros((num * local_size,) + x.shape[1:], x.dtype)
+        xs[:len(part)] = part
+        masks = np.zeros(num * local_size, np.float32)
+        masks[:len(part)] = 1.0
+        sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
+        place = lambda a, shape: jax.make_array_from_process_local_data(
+            sharding, a.reshape((num, local_size) + a.shape[1:]), shape)
+        return (place(xs, (num, batch_size) + x.shape[1:]), place(masks, (num, batch_size)))
+
+    # -- the loop's steps
+
+    def fused_step(self, step_fn: Callable, batch_size: int) -> Callable:
+        """``run(state, acc, x_all, perm, index, rng) -> (state, acc)``: gather, step, add metrics.
+
+        The device-resident fast path: batch ``index`` of the epoch is gathered from the placed
+        training set inside the compiled step. ``step_fn`` is ``make_train_step(...)`` or, for
+        ``pmap``, ``make_device_step(...)``. State and accumulator are donated.
+        """
+        if self.mode == "pmap":
+            per_device = batch_size // self.num_devices
+
+            def fused_pmap(state, acc, x_all, perm, index, rng):
+                start = index * batch_size + jax.lax.axis_index(PMAP_AXIS) * per_device
+                rows = jax.lax.dynamic_slice(perm, (start,), (per_device,))
+                state, metrics = step_fn(state, {"x": jnp.take(x_all, rows, axis=0)}, rng)
+                return state, jax.tree.map(jnp.add, acc, metrics)
+
+            return jax.pmap(fused_pmap, axis_name=PMAP_AXIS, in_axes=(0, 0, 0, 0, None, None),
+                            donate_argnums=(0, 1))
+
+        split = self._split if self.mode == "sharded" else None
+
+        def fused(state, acc, x_all, perm, index, rng):
+            rows = jax.lax.dynamic_slice(perm, (index * batch_size,), (batch_size,))
+            if split is not None:  # each device gathers only the rows of its shard
+                rows = jax.lax.with_sharding_constraint(rows, split)
+            x = jnp.take(x_all, rows, axis=0)
+            if split is not None:
+                x = jax.lax.with_sharding_constraint(x, split)
+            state, metrics = step_fn(state, {"x": x}, rng)
+            return state, jax.tree.map(jnp.add, acc, metrics)
+
+        if self.mode == "sharded":
+            rep = self._replicated
+            return jax.jit(fused, out_shardings=(rep, rep), donate_argnums=(0, 1))
+        return jax.jit(fused, donate_argnums=(0, 1))
+
+    def stream_step(self, step_fn: Callable) -> Callable:
+        """``run(state, acc, batch, rng) -> (state, acc)`` for batches placed by :meth:`batch`."""
+
+        def fused(state, acc, batch, rng):
+            state, metrics = step_fn(state, batch, rng)
+            return state, jax.tree.map(jnp.add, acc, metrics)
+
+        if self.mode == "pmap":
+            return jax.pmap(fused, axis_name=PMAP_AXIS, in_axes=(0, 0, 0, None),
+                            donate_argnums=(0, 1))
+        if self.mode == "sharded":
+            rep = self._replicated
+            return jax.jit(fused, in_shardings=(rep, rep, self._split, rep),
+                           out_shardings=(rep, rep), donate_argnums=(0, 1))
+        return jax.jit(fused, donate_argnums=(0, 1))
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` as numpy arrays; global arrays must be replicated (every process gets them)."""
+    return jax.tree.map(np.asarray, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _permutation_fn(num_examples: int, sharding: Optional[NamedSharding]):
+    fn = lambda rng, epoch: epoch_permutation(rng, num_examples, epoch)
+    return jax.jit(fn) if sharding is None else jax.jit(fn, out_shardings=sharding)
+
+
+def prefetch_to_device(batches: Iterator[Any], size: int = 2) -> Iterator[Any]:
+    """Yields ``batches`` (already being placed, e.g. by :meth:`Placement.batch`) ``size`` ahead.
+
+    ``jax.device_put`` returns before the copy ends, so keeping ``size`` placed batches queued
+    overlaps their host-to-device transfer with the steps before them (as
+    ``flax.jax_utils.prefetch_to_device``, but for any placement, jit or pmap).
+    """
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(batch)
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

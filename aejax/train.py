@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import checkpoints, corruptions, data, models, objectives, pca
+from aejax import checkpoints, corruptions, data, models, objectives, parallel, pca
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
 from aejax.step import (PerExampleFn, TrainState, apply_gradients, make_evaluate,  # noqa: F401
@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, decay_rate=0.5,
         momentum=0.9, nesterov=False, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0))
+    # Data-parallel step: "auto" (sharded when there is more than one device), "none", "pmap" or
+    # "sharded" (aejax.parallel.Placement). batch_size is global and must divide over the devices.
+    c.parallel = "auto"
     c.batch_size = 256
     c.eval_batch_size = 1000
     c.num_epochs = 10
@@ -145,6 +148,8 @@ class Experiment:
     tx: optax.GradientTransformation
     steps_per_epoch: int
     total_steps: int
+    parallel: str = "none"
+    num_devices: int = 1
 
 
 def _data_options(config) -> dict:
@@ -154,6 +159,31 @@ def _data_options(config) -> dict:
                 manual_dir=d.manual_dir or None)
 
 
+def resolve_parallel(config: ml_collections.ConfigDict) -> tuple[str, int]:
+    """``(mode, number of devices)`` that ``config.parallel`` asks for on this machine.
+
+    Raises:
+      ConfigError: an unknown mode, or a ``batch_size`` that does not divide over the devices.
+    """
+    mode = config.parallel
+    if mode not in ("auto",) + parallel.MODES:
+        raise ConfigError(f"Unknown parallel {mode!r}; choose 'auto' (sharded when there is more "
+                          "than one device) or one of " + ", ".join(map(repr, parallel.MODES)) + ".")
+    if mode == "auto":
+        mode = "sharded" if jax.device_count() > 1 else "none"
+    if jax.process_count() > 1 and mode != "sharded":
+        raise ConfigError(f"parallel={mode!r} runs in one process, but this run has "
+                          f"{jax.process_count()} processes; use parallel='sharded' (or 'auto').")
+    num_devices = {"none": 1, "pmap": jax.local_device_count(), "sharded": jax.device_count()}[mode]
+    if config.batch_size % num_devices:
+        fit = config.batch_size + (-config.batch_size) % num_devices
+        raise ConfigError(
+            f"batch_size {config.batch_size} does not split evenly over the {num_devices} devices "
+            f"of parallel={mode!r}: use a multiple of {num_devices} (e.g. --config.batch_size="
+            f"{fit}), or parallel='none' for one device.")
+    return mode, num_devices
+
+
 def build_experiment(config: ml_collections.ConfigDict,
                      splits: Optional[data.Splits] = None) -> Experiment:
     """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
@@ -161,6 +191,7 @@ def build_experiment(config: ml_collections.ConfigDict,
     if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
         raise ConfigError("batch_size and eval_batch_size must be positive and num_epochs >= 0; got "
                           f"{config.batch_size}, {config.eval_batch_size}, {config.num_epochs}.")
+    mode, num_devices = resolve_parallel(config)
     if splits is None:
         if config.data.name not in data.DATASETS:
             raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {data.DATASETS}.")
@@ -192,7 +223,7 @@ def build_experiment(config: ml_collections.ConfigDict,
     spe = data.steps_per_epoch(len(splits.train[0]), config.batch_size)
     total = spe * config.num_epochs
     tx = build_optimizer(config.optimizer, total, spe)
-    return Experiment(config, splits, model, per_example, tx, spe, total)
+    return Experiment(config, splits, model, per_example, tx, spe, total, mode, num_devices)
 
 
 def _check_workdir(workdir: str) -> str:
@@ -226,16 +257,29 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _nonfinite_error(state: TrainState, last_good: Optional[int], ckpt_dir: str) -> NonFiniteLossError:
-    bad = jax.device_get(state.bad_metrics)
-    bad_terms = {k: float(v) for k, v in bad.items() if not np.isfinite(v)}
+def _nonfinite_error(bad_step: int, bad_metrics: dict, last_good: Optional[int],
+                     ckpt_dir: str) -> NonFiniteLossError:
+    bad_terms = {k: float(v) for k, v in bad_metrics.items() if not np.isfinite(v)}
     kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}" if last_good is not None
             else "no checkpoint was written yet")
     return NonFiniteLossError(
-        f"Non-finite loss at step {int(state.bad_step)}: {bad_terms}. Training stopped; {kept}. "
+        f"Non-finite loss at step {bad_step}: {bad_terms}. Training stopped; {kept}. "
         "Lower optimizer.learning_rate, clip gradients (optimizer.grad_clip_norm) or reduce the "
         "weight of the term that diverged, then run again in a new workdir or the same one to "
         "resume from that checkpoint.")
+
+
+def _check_resumable(meta: dict, exp: Experiment, workdir: str) -> None:
+    """Refuses to continue a pmap run on another device count or mode: its noise would change."""
+    mode, count = meta.get("parallel", "none"), meta.get("num_devices", 1)
+    if meta["finished"] or mode != "pmap" or (exp.parallel, exp.num_devices) == (mode, count):
+        return
+    raise ConfigError(
+        f"The run in {workdir} was trained with parallel='pmap' on {count} devices and cannot "
+        f"resume with parallel={exp.parallel!r} on {exp.num_devices}: pmap draws each device's "
+        "noise from its device index, so the resumed run would not repeat the interrupted one. "
+        f"Resume it on {count} devices with parallel='pmap' (on CPU: XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={count}), or start in a new workdir.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -244,6 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
     only re-evaluated). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
+    With ``config.parallel`` the step runs data-parallel over several devices
+    (:class:`aejax.parallel.Placement`); checkpoints hold one copy of the state either way.
 
     Args:
       config: see :func:`default_config`.
@@ -259,68 +305,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     cfg = exp.config
     (x_train, _), (x_val, _), (x_test, y_test) = exp.splits
     bs, spe = cfg.batch_size, exp.steps_per_epoch
+    place = parallel.Placement.create(exp.parallel, exp.num_devices)
+    # Padding rows are masked out of every mean, so rounding up to whole devices changes nothing.
+    eval_bs = -(-cfg.eval_batch_size // exp.num_devices) * exp.num_devices
 
     root = jax.random.PRNGKey(cfg.seed)
     init_rng, data_rng, train_rng, eval_rng = jax.random.split(root, 4)
-    x_train_dev = jax.device_put(x_train)
-    params = models.init(exp.model, init_rng, x_train_dev[:bs])
+    x_first = jnp.asarray(x_train[:bs])
+    params = models.init(exp.model, init_rng, x_first)
     if init_params is not None:
         if jax.tree.structure(init_params) != jax.tree.structure(params):
             raise ValueError("init_params do not have the structure of the model's parameters.")
         params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype).reshape(a.shape), params, init_params)
-    template = metrics_template(exp.per_example, params, x_train_dev[:bs])
-    state = TrainState.create(params, exp.tx, template)
-    best_params = jax.tree.map(jnp.copy, params)
+    template = metrics_template(exp.per_example, params, x_first)
+    state = place.state(TrainState.create(params, exp.tx, template))
+    best_params = jax.tree.map(jnp.copy, place.single(state.params))
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpts = checkpoints.Checkpoints(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
     meta = {"epoch": 0, "best_validation": None, "best_epoch": None, "bad_epochs": 0,
             "finished": False, "stopped_early": False, "history": [], "train_seconds": 0.0}
-    restored = ckpts.restore_latest({"state": state, "best_params": best_params})
+    restored = ckpts.restore_latest({"state": place.single(state), "best_params": best_params})
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     last_good = None
     if restored is not None:
         last_good, tree, meta = restored
-        state, best_params = tree["state"], tree["best_params"]
+        _check_resumable(meta, exp, workdir)
+        state, best_params = place.state(tree["state"]), tree["best_params"]
         log.info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
         _truncate_metrics(metrics_path, last_good)
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
+    meta.update(parallel=exp.parallel, num_devices=exp.num_devices)
 
     log.info("%s: %d train / %d validation / %d test examples; %d steps per epoch, %d epochs; "
              "workdir %s", cfg.data.name, len(x_train), len(x_val), len(x_test), spe,
              cfg.num_epochs, workdir)
+    if exp.parallel != "none":
+        log.info("Data-parallel step: parallel=%r over %d devices, %d examples per device.",
+                 exp.parallel, exp.num_devices, bs // exp.num_devices)
     if meta["finished"]:
         log.info("The run in %s is finished; evaluating its best parameters again.", workdir)
-    train_step = make_train_step(exp.per_example, exp.tx)
-
-    def fused_step(state, acc, x_all, perm, index, rng):
-        batch = {"x": data.take_batch(x_all, perm, index, bs)}
-        state, metrics = train_step(state, batch, rng)
-        return state, jax.tree.map(jnp.add, acc, metrics)
-
-    run_step = jax.jit(fused_step, donate_argnums=(0, 1))
-    permutation = jax.jit(data.epoch_permutation, static_argnums=1)
+    step_fn = (parallel.make_device_step(exp.per_example, exp.tx, axis_name=parallel.PMAP_AXIS)
+               if exp.parallel == "pmap" else make_train_step(exp.per_example, exp.tx))
+    run_step = place.fused_step(step_fn, bs)
     evaluate = jax.jit(make_evaluate(exp.per_example))
-    val_xs, val_masks = (jax.device_put(a) for a in pad_batches(x_val, cfg.eval_batch_size))
+    x_train_dev = place.data(x_train)
+    val_xs, val_masks = place.eval_batches(x_val, eval_bs)
+
+    def check_finite():
+        bad_step = int(place.fetch(state.bad_step))
+        if bad_step >= 0:
+            raise _nonfinite_error(bad_step, place.fetch(state.bad_metrics), last_good, ckpt_dir)
 
     def save(step):
         nonlocal last_good
-        if int(state.bad_step) >= 0:
-            raise _nonfinite_error(state, last_good, ckpt_dir)
-        ckpts.save(step, {"state": state, "best_params": best_params}, meta)
+        check_finite()
+        ckpts.save(step, {"state": place.single(state), "best_params": best_params}, meta)
         last_good = step
 
-    progress = _progress_bar(cfg, exp.total_steps, int(state.step))
-    step = int(state.step)
+    progress = _progress_bar(cfg, exp.total_steps, int(place.fetch(state.step)))
+    step = int(place.fetch(state.step))
     # A fresh accumulator each time: the step donates (and so deletes) the one it is given.
-    new_acc = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+    new_acc = lambda: place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))
     t_start = time.time()
     seconds_before = meta["train_seconds"]
     with open(metrics_path, "a") as metrics_file:
         while not meta["finished"] and meta["epoch"] < cfg.num_epochs:
             epoch = meta["epoch"]
-            perm = permutation(data_rng, len(x_train), epoch)
+            perm = place.permutation(data_rng, len(x_train), epoch)
             acc, count = new_acc(), 0
             epoch_train = jax.tree.map(lambda s: 0.0, template)
             epoch_count = 0
@@ -331,9 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 progress.update(1)
                 end_of_epoch = index == spe - 1
                 if step % cfg.log_every_steps == 0 or end_of_epoch:
-                    means = {k: float(v) / count for k, v in jax.device_get(acc).items()}
-                    if int(state.bad_step) >= 0:
-                        raise _nonfinite_error(state, last_good, ckpt_dir)
+                    means = {k: float(v) / count for k, v in place.fetch(acc).items()}
+                    check_finite()
                     metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
                     progress.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
                     epoch_train = {k: epoch_train[k] + means[k] * count for k in means}
@@ -342,8 +394,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
                     meta["train_seconds"] = seconds_before + time.time() - t_start
                     save(step)
-            val = {k: float(v) for k, v in jax.device_get(
-                evaluate(state.params, val_xs, val_masks, eval_rng, state.step)).items()}
+            params_now = place.single(state.params)
+            val = {k: float(v) for k, v in
+                   evaluate(params_now, val_xs, val_masks, eval_rng, place.single(state.step)).items()}
             row = {"epoch": epoch + 1, "step": step}
             row.update({f"train_{k}": v / max(epoch_count, 1) for k, v in epoch_train.items()})
             row.update({f"validation_{k}": v for k, v in val.items()})
@@ -355,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             best = meta["best_validation"]
             if best is None or monitored < best - cfg.early_stopping_min_delta:
                 meta.update(best_validation=monitored, best_epoch=epoch + 1, bad_epochs=0)
-                best_params = jax.tree.map(jnp.copy, state.params)
+                best_params = jax.tree.map(jnp.copy, params_now)
             else:
                 meta["bad_epochs"] += 1
             meta["epoch"] = epoch + 1
@@ -368,7 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     progress.close()
     ckpts.close()
 
-    summary = _final_evaluation(exp, workdir, best_params, meta, evaluate, eval_rng, state.step)
+    test_xs, test_masks = place.eval_batches(x_test, eval_bs)
+    test = {k: float(v) for k, v in
+            evaluate(best_params, test_xs, test_masks, eval_rng, place.single(state.step)).items()}
+    summary = _final_evaluation(exp, workdir, parallel.to_host(best_params), meta, test, step)
     log.info("Wrote %s", os.path.join(workdir, "summary.json"))
     return summary
 
@@ -400,13 +456,11 @@ def reconstruct_images(model, params, x: Array, reconstruction: str) -> np.ndarr
     return np.asarray(objectives.reconstruct(logits, reconstruction))
 
 
-def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, evaluate, eval_rng,
-                      step) -> dict:
+def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, test: dict,
+                      step: int) -> dict:
+    """The summary of a run from the test metrics of ``params`` (numpy): PCA, IWAE, figures."""
     cfg = exp.config
     (x_train, _), _, (x_test, _) = exp.splits
-    test_xs, test_masks = pad_batches(x_test, cfg.eval_batch_size)
-    test = {k: float(v) for k, v in jax.device_get(
-        evaluate(params, jnp.asarray(test_xs), jnp.asarray(test_masks), eval_rng, step)).items()}
     summary = {
         "dataset": cfg.data.name,
         "model": cfg.model.to_dict(),

@@ -1,12 +1,15 @@
 """The data-parallel steps against the single-device step on 8 CPU devices; prints one JSON line.
 
 Run by tests/test_parallel.py in a subprocess (the device count is fixed when JAX starts):
-``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_check.py RTOL ATOL``.
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_check.py RTOL ATOL
+[WORKDIR]``; with WORKDIR it also runs ``train_and_evaluate`` in every parallel mode there.
 Compiling dominates its time; the test also passes ``--xla_backend_optimization_level=0``, which
 halves that and, applying to both sides of every comparison, changes nothing compared.
 """
 
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import models, objectives, parallel, train
+from aejax import checkpoints, data, models, objectives, parallel, train
 
 NUM_STEPS = 5
 BATCH = 64
@@ -163,5 +166,118 @@ def check_padding(single, ref, pstep, pstate, sstep, sstate, rng, mesh, rtol, at
             "sharded_metrics": allclose(smetrics, want_metrics, rtol, atol)}
 
 
+def loop_config(**overrides):
+    """A short run: 2 epochs of 4 global batches of 64, checkpoints mid-epoch, padded evaluation."""
+    c = train.default_config()
+    c.model.update(input_shape=(16,), hidden=(8,), code_size=4, activation="tanh")
+    c.update(num_epochs=2, batch_size=BATCH, eval_batch_size=30, log_every_steps=3,
+             checkpoint_every_steps=3, keep_checkpoints=10, progress=False, figures=False,
+             pca_baseline=False)
+    c.optimizer.learning_rate = 1e-2
+    for key, value in overrides.items():
+        target = c
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+def loop_splits() -> data.Splits:
+    # Low-rank images, as tests/conftest.py makes them, but 16 pixels: compiling stays cheap.
+    z = np.random.default_rng(0).normal(size=(384, 3))
+    x = (1 / (1 + np.exp(-z @ np.random.default_rng(1).normal(size=(3, 16)) * 1.5))).astype(np.float32)
+    y = np.zeros(len(x), np.int32)
+    return data.Splits((x[:256], y[:256]), (x[256:320], y[256:320]), (x[320:], y[320:]))
+
+
+def final_params(workdir):
+    ckpts = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        tree, meta = ckpts.read()
+    finally:
+        ckpts.close()
+    return tree["state"]["params"], meta
+
+
+def loop_checks(rtol: float, atol: float, root: str) -> dict:
+    """``train_and_evaluate`` with parallel none, sharded and pmap: same parameters, one trace."""
+    splits = loop_splits()
+    traces = {"step": 0, "device_step": 0}
+    make_step, make_device = train.make_train_step, parallel.make_device_step
+
+    def counted(name, maker):
+        def make(*args, **kwargs):
+            inner = maker(*args, **kwargs)
+
+            def step(*a):
+                traces[name] += 1  # runs only while tracing
+                return inner(*a)
+            return step
+        return make
+
+    train.make_train_step = counted("step", make_step)
+    parallel.make_device_step = counted("device_step", make_device)
+    out, out_params = {}, {}
+
+    def run(name, **overrides):
+        before = dict(traces)
+        workdir = os.path.join(root, name)
+        summary = train.train_and_evaluate(loop_config(**overrides), workdir, splits=splits)
+        params, meta = final_params(workdir)
+        out_params[name] = params
+        out[name] = {"traces": sum(traces.values()) - sum(before.values()), "test": summary["test"],
+                     "meta": {k: meta[k] for k in ("parallel", "num_devices")}}
+        return params, summary
+
+    # The sharded step draws the single-device step's noise (here the corruption's); the pmap
+    # step draws its own per device, so it is compared on a noiseless objective.
+    # Evaluation batches of 32 split over 8 devices as they are: evaluation draws the same noise.
+    noise = {"corruption.kind": "gaussian", "corruption.std": 0.3, "eval_batch_size": 32}
+    ref, ref_summary = run("none_noisy", parallel="none", **noise)
+    params, summary = run("sharded", parallel="sharded", **noise)
+    out["sharded"]["params"] = allclose(params, ref, rtol, atol)
+    out["sharded"]["test_metrics"] = allclose(summary["test"], ref_summary["test"], rtol, atol)
+    ref, ref_summary = run("none", parallel="none")
+    params, summary = run("pmap", parallel="pmap")
+    out["pmap"]["params"] = allclose(params, ref, rtol, atol)
+    out["pmap"]["test_metrics"] = allclose(summary["test"], ref_summary["test"], rtol, atol)
+    out["noise_moved_params"] = allclose(out_params["none_noisy"], ref, rtol, atol)["max_abs_diff"]
+    init = models.init(train.build_experiment(loop_config(), splits).model,
+                       jax.random.split(jax.random.PRNGKey(0), 4)[0], jnp.asarray(splits.train[0][:BATCH]))
+    out["moved_from_init"] = allclose(ref, init, rtol, atol)["max_abs_diff"]
+    out["auto_mode"] = train.resolve_parallel(loop_config())
+
+    # An interrupted pmap run: its checkpoint after step 3 (the run's later ones removed).
+    pmap_ref, _ = final_params(os.path.join(root, "pmap"))
+    for copy in ("pmap_interrupted", "pmap_interrupted_8"):
+        shutil.copytree(os.path.join(root, "pmap"), os.path.join(root, copy))
+        ckdir = os.path.join(root, copy, "checkpoints")
+        for name in os.listdir(ckdir):
+            if name.isdigit() and int(name) > 3:
+                shutil.rmtree(os.path.join(ckdir, name))
+    try:
+        train.train_and_evaluate(loop_config(parallel="sharded"),
+                                 os.path.join(root, "pmap_interrupted"), splits=splits)
+        out["pmap_resumed_as_sharded"] = None
+    except train.ConfigError as e:
+        out["pmap_resumed_as_sharded"] = str(e)
+    params, _ = run("pmap_interrupted", parallel="pmap")
+    out["pmap_interrupted"]["params_equal_uninterrupted"] = all(
+        bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pmap_ref)))
+    try:
+        train.build_experiment(loop_config(parallel="sharded", batch_size=60), splits)
+        out["batch_60"] = None
+    except train.ConfigError as e:
+        out["batch_60"] = str(e)
+    train.make_train_step, parallel.make_device_step = make_step, make_device
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(float(sys.argv[1]), float(sys.argv[2]))))
+    result = main(float(sys.argv[1]), float(sys.argv[2]))
+    if len(sys.argv) > 3:
+        t0 = time.time()
+        result["loop"] = loop_checks(float(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
+        result["loop"]["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(result))

@@ -28,14 +28,20 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 @pytest.fixture(scope="module")
-def eight_devices() -> dict:
+def loop_root(tmp_path_factory):
+    """Where the 8-device subprocess runs train_and_evaluate (its workdirs are checked here too)."""
+    return tmp_path_factory.mktemp("parallel_loop")
+
+
+@pytest.fixture(scope="module")
+def eight_devices(loop_root) -> dict:
     # Compiling dominates; optimization level 0 halves it and applies to both sides compared.
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "parallel_check.py"),
-                           str(RTOL), str(ATOL)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           str(RTOL), str(ATOL), str(loop_root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -83,7 +89,68 @@ def test_non_divisible_batch_is_refused_or_padded_exactly(eight_devices):
         assert pad[key]["allclose"], (key, pad[key])
 
 
+# --------------------------------------------------------------------------- the train loop, 8 devices
+
+
+@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+def test_loop_in_parallel_mode_ends_with_the_single_device_parameters(eight_devices, mode):
+    """train_and_evaluate(parallel=mode) on 8 devices: the parameters and test metrics of parallel='none'.
+
+    Same tolerance as the steps, for the same reason: 8 Adam steps at lr 1e-2 over float32
+    sums taken in another order (measured: at most 6e-8 in the parameters).
+    """
+    loop = eight_devices["loop"]
+    assert loop["moved_from_init"] > 1e3 * ATOL
+    got = loop[mode]
+    assert got["params"]["allclose"], got
+    assert got["test_metrics"]["allclose"], got
+    assert got["meta"] == {"parallel": mode, "num_devices": 8}
+
+
+def test_loop_sharded_draws_the_single_device_noise(eight_devices):
+    # The sharded run above trains with Gaussian corruption; without noise it would end elsewhere.
+    assert eight_devices["loop"]["noise_moved_params"] > 1e3 * ATOL
+
+
+def test_loop_compiles_its_step_once_in_every_mode(eight_devices):
+    loop = eight_devices["loop"]
+    for name in ("none", "none_noisy", "sharded", "pmap", "pmap_interrupted"):
+        assert loop[name]["traces"] == 1, name
+
+
+def test_loop_auto_is_sharded_on_several_devices(eight_devices):
+    assert eight_devices["loop"]["auto_mode"] == ["sharded", 8]
+
+
+def test_loop_refuses_a_batch_that_does_not_split(eight_devices):
+    message = eight_devices["loop"]["batch_60"]
+    assert message is not None
+    assert "batch_size 60" in message and "8 devices" in message and "batch_size=64" in message
+
+
+def test_interrupted_pmap_run_resumes_only_as_pmap_on_as_many_devices(eight_devices, loop_root,
+                                                                       small_splits):
+    loop = eight_devices["loop"]
+    message = loop["pmap_resumed_as_sharded"]
+    assert message is not None and "parallel='pmap' on 8 devices" in message
+    assert loop["pmap_interrupted"]["params_equal_uninterrupted"]
+    # Here, with one device: refused before anything is trained.
+    from parallel_check import loop_config, loop_splits
+
+    with pytest.raises(train.ConfigError, match="parallel='pmap' on 8 devices.*on 1"):
+        train.train_and_evaluate(loop_config(parallel="pmap"), str(loop_root / "pmap_interrupted_8"),
+                                 splits=loop_splits())
+
+
 # --------------------------------------------------------------------------- in this process
+
+
+def test_parallel_mode_is_checked_and_auto_is_none_on_one_device(small_splits):
+    from parallel_check import loop_config
+
+    assert train.resolve_parallel(loop_config()) == ("none", 1)
+    with pytest.raises(train.ConfigError, match="Unknown parallel 'dp'"):
+        train.build_experiment(loop_config(parallel="dp"), small_splits)
 
 
 def test_one_device_steps_equal_single_device_step():
