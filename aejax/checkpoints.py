@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: the train state (params, optimizer state, step) and JSON metadata.
 
 Restoring walks back from the newest step: a checkpoint that fails to restore is moved aside
-(kept for inspection, never deleted) with a warning, and the one before it is used.
+(kept for inspection, never deleted) with a warning, and the one before it is used. In a
+multi-process run every process calls every method (orbax coordinates the writes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,10 @@ class Checkpoints:
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options,
-                                     item_names=("state", "meta"))
+        # Handlers given up front (not learnt from the first save or restore): read() needs the
+        # metadata of a checkpoint before restoring anything from it.
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -60,10 +64,15 @@ class Checkpoints:
         """``(state, meta)`` saved at ``step`` (default: newest) as plain arrays, no target needed.
 
         For inspection; resuming uses :meth:`restore_latest`, which restores the exact types.
+        Arrays come back on this process's first device, whatever devices and processes wrote
+        them (a run over several hosts can be inspected from one).
         """
         step = self.steps()[-1] if step is None else step
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              self._manager.item_metadata(step)["state"])
         out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"])
 
     def restore_latest(self, target: Any) -> Optional[tuple[int, Any, dict]]:
@@ -105,7 +114,9 @@ class Checkpoints:
         warnings.warn(f"Checkpoint at step {step} in {self.directory} could not be restored "
                       f"({type(error).__name__}: {error}); moved it to {dst} and trying the "
                       "previous one.", RuntimeWarning, stacklevel=3)
-        if os.path.exists(src):
+        if jax.process_index() == 0 and os.path.exists(src):  # one rename, however many processes
             os.replace(src, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"aejax set aside checkpoint {step}")
         self._manager.close()
         self._manager = self._open()

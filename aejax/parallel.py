@@ -321,18 +321,22 @@ class Placement:
         """One copy of a placed ``tree`` as numpy arrays (every process gets it)."""
         return to_host(self.single(tree))
 
+    def constant(self, x: Any) -> Any:
+        """One value (a key) that every device reads, passed to the step without a device axis."""
+        if self.mode == "sharded":
+            return _global(np.asarray(x), self._replicated)
+        return jax.device_put(x)
+
     def data(self, x: np.ndarray) -> Any:
         """The whole training set on every device, for the device-resident path."""
         return self.state(x)
 
     def permutation(self, rng: Array, num_examples: int, epoch: int) -> Any:
         """The epoch's example order (:func:`aejax.data.epoch_permutation`), placed for the step."""
-        if self.mode == "sharded":
-            fn = _permutation_fn(num_examples, self._replicated)
-        else:
-            fn = _permutation_fn(num_examples, None)
-        perm = fn(rng, epoch)
-        return self.state(np.asarray(perm)) if self.mode == "pmap" else perm
+        if self.mode == "pmap":  # each device reads its own copy (in_axes 0)
+            return self.state(np.asarray(_permutation_fn(num_examples, None)(rng, epoch)))
+        sharding = self._replicated if self.mode == "sharded" else None
+        return _permutation_fn(num_examples, sharding)(rng, epoch)
 
     def batch(self, global_size: int, local: Mapping[str, np.ndarray]) -> dict:
         """A global batch from this process's rows ``local`` (:func:`process_rows`), placed.

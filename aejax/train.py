@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import checkpoints, corruptions, data, models, objectives, parallel, pca
+from aejax import checkpoints, corruptions, data, distributed, models, objectives, parallel, pca
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
 from aejax.step import (PerExampleFn, TrainState, apply_gradients, make_evaluate,  # noqa: F401
@@ -79,6 +79,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.figures = True
     c.num_figure_images = 10
     c.progress = True
+    # Several processes (hosts): all run the same command with their own process_id; process 0
+    # serves the coordinator at coordinator_address ("host:port"; "" = one process). A process
+    # that stops sending heartbeats for heartbeat_timeout seconds counts as dead.
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=1, process_id=0, initialization_timeout=300,
+        heartbeat_timeout=60))
     return c
 
 
@@ -101,6 +107,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 walk(cfg[key], ref[key], f"{path}.")
 
     walk(config, default, "")
+
+
+def start_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Starts ``jax.distributed`` as ``config.distributed`` asks (once per process).
+
+    Call it before anything touches a device; :func:`train_and_evaluate` calls it first thing.
+
+    Returns:
+      Whether this process is one of several.
+
+    Raises:
+      ConfigError: inconsistent settings, or a process that cannot join (JAX already started).
+    """
+    d = config.distributed
+    if not d.coordinator_address:
+        if d.num_processes != 1:
+            raise ConfigError(f"distributed.num_processes={d.num_processes} needs "
+                              "distributed.coordinator_address (host:port of process 0).")
+        return False
+    if ":" not in d.coordinator_address:
+        raise ConfigError(f"distributed.coordinator_address must be host:port, got "
+                          f"{d.coordinator_address!r}.")
+    if not (d.num_processes >= 1 and 0 <= d.process_id < d.num_processes):
+        raise ConfigError(f"distributed.process_id must be in [0, {d.num_processes}) and "
+                          f"num_processes >= 1; got process_id={d.process_id}, "
+                          f"num_processes={d.num_processes}.")
+    try:
+        return distributed.initialize(d.coordinator_address, d.num_processes, d.process_id,
+                                      initialization_timeout=d.initialization_timeout,
+                                      heartbeat_timeout=d.heartbeat_timeout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
@@ -230,7 +268,7 @@ def _check_workdir(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write-test")
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")  # one per process
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -289,7 +327,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
     only re-evaluated). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
     With ``config.parallel`` the step runs data-parallel over several devices
-    (:class:`aejax.parallel.Placement`); checkpoints hold one copy of the state either way.
+    (:class:`aejax.parallel.Placement`); checkpoints hold one copy of the state either way. With
+    ``config.distributed`` every process runs this with the same ``workdir`` (a shared file
+    system); all of them write the checkpoints, process 0 alone the logs, metrics and figures.
 
     Args:
       config: see :func:`default_config`.
@@ -298,11 +338,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       init_params: parameters to start from instead of a random initialization (fine-tuning).
 
     Returns:
-      The summary dict also written to ``summary.json``.
+      The summary dict also written to ``summary.json`` (on other processes than 0: the test
+      metrics and the run's facts, without the PCA baseline and figures).
+
+    Raises:
+      distributed.PeerLostError: another process of the run stopped (after it, exit without
+        ``jax.distributed.shutdown``: see :func:`aejax.distributed.exit_without_shutdown`).
     """
+    check_config(config)
+    start_distributed(config)
     workdir = _check_workdir(workdir)
     exp = build_experiment(config, splits)
     cfg = exp.config
+    primary = jax.process_index() == 0
+    info = log.info if primary else (lambda *args: None)
     (x_train, _), (x_val, _), (x_test, y_test) = exp.splits
     bs, spe = cfg.batch_size, exp.steps_per_epoch
     place = parallel.Placement.create(exp.parallel, exp.num_devices)
@@ -311,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     root = jax.random.PRNGKey(cfg.seed)
     init_rng, data_rng, train_rng, eval_rng = jax.random.split(root, 4)
+    data_rng, train_rng, eval_rng = (place.constant(k) for k in (data_rng, train_rng, eval_rng))
     x_first = jnp.asarray(x_train[:bs])
     params = models.init(exp.model, init_rng, x_first)
     if init_params is not None:
@@ -332,20 +382,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_good, tree, meta = restored
         _check_resumable(meta, exp, workdir)
         state, best_params = place.state(tree["state"]), tree["best_params"]
-        log.info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
-        _truncate_metrics(metrics_path, last_good)
-    elif os.path.exists(metrics_path):
+        info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
+        if primary:
+            _truncate_metrics(metrics_path, last_good)
+    elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
-    meta.update(parallel=exp.parallel, num_devices=exp.num_devices)
+    meta.update(parallel=exp.parallel, num_devices=exp.num_devices,
+                num_processes=jax.process_count())
 
-    log.info("%s: %d train / %d validation / %d test examples; %d steps per epoch, %d epochs; "
-             "workdir %s", cfg.data.name, len(x_train), len(x_val), len(x_test), spe,
-             cfg.num_epochs, workdir)
+    info("%s: %d train / %d validation / %d test examples; %d steps per epoch, %d epochs; "
+         "workdir %s", cfg.data.name, len(x_train), len(x_val), len(x_test), spe,
+         cfg.num_epochs, workdir)
     if exp.parallel != "none":
-        log.info("Data-parallel step: parallel=%r over %d devices, %d examples per device.",
-                 exp.parallel, exp.num_devices, bs // exp.num_devices)
+        info("Data-parallel step: parallel=%r over %d devices in %d process(es), %d examples "
+             "per device.", exp.parallel, exp.num_devices, jax.process_count(),
+             bs // exp.num_devices)
     if meta["finished"]:
-        log.info("The run in %s is finished; evaluating its best parameters again.", workdir)
+        info("The run in %s is finished; evaluating its best parameters again.", workdir)
     step_fn = (parallel.make_device_step(exp.per_example, exp.tx, axis_name=parallel.PMAP_AXIS)
                if exp.parallel == "pmap" else make_train_step(exp.per_example, exp.tx))
     run_step = place.fused_step(step_fn, bs)
@@ -364,68 +417,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpts.save(step, {"state": place.single(state), "best_params": best_params}, meta)
         last_good = step
 
-    progress = _progress_bar(cfg, exp.total_steps, int(place.fetch(state.step)))
     step = int(place.fetch(state.step))
+    progress = _progress_bar(cfg, exp.total_steps, step, enabled=primary)
     # A fresh accumulator each time: the step donates (and so deletes) the one it is given.
     new_acc = lambda: place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))
     t_start = time.time()
     seconds_before = meta["train_seconds"]
-    with open(metrics_path, "a") as metrics_file:
-        while not meta["finished"] and meta["epoch"] < cfg.num_epochs:
-            epoch = meta["epoch"]
-            perm = place.permutation(data_rng, len(x_train), epoch)
-            acc, count = new_acc(), 0
-            epoch_train = jax.tree.map(lambda s: 0.0, template)
-            epoch_count = 0
-            for index in range(step - epoch * spe, spe):
-                state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
-                step += 1
-                count += 1
-                progress.update(1)
-                end_of_epoch = index == spe - 1
-                if step % cfg.log_every_steps == 0 or end_of_epoch:
-                    means = {k: float(v) / count for k, v in place.fetch(acc).items()}
-                    check_finite()
-                    metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
-                    progress.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                    epoch_train = {k: epoch_train[k] + means[k] * count for k in means}
-                    epoch_count += count
-                    acc, count = new_acc(), 0
-                if step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
-                    meta["train_seconds"] = seconds_before + time.time() - t_start
-                    save(step)
-            params_now = place.single(state.params)
-            val = {k: float(v) for k, v in
-                   evaluate(params_now, val_xs, val_masks, eval_rng, place.single(state.step)).items()}
-            row = {"epoch": epoch + 1, "step": step}
-            row.update({f"train_{k}": v / max(epoch_count, 1) for k, v in epoch_train.items()})
-            row.update({f"validation_{k}": v for k, v in val.items()})
-            metrics_file.write(json.dumps({"step": step, "epoch": epoch + 1, "split": "validation",
-                                           **val}) + "\n")
-            metrics_file.flush()
-            meta["history"].append(row)
-            monitored = val[cfg.monitor] if cfg.monitor in val else val["loss"]
-            best = meta["best_validation"]
-            if best is None or monitored < best - cfg.early_stopping_min_delta:
-                meta.update(best_validation=monitored, best_epoch=epoch + 1, bad_epochs=0)
-                best_params = jax.tree.map(jnp.copy, params_now)
-            else:
-                meta["bad_epochs"] += 1
-            meta["epoch"] = epoch + 1
-            if cfg.early_stopping_patience and meta["bad_epochs"] >= cfg.early_stopping_patience:
-                meta.update(finished=True, stopped_early=True)
-            if meta["epoch"] >= cfg.num_epochs:
-                meta["finished"] = True
-            meta["train_seconds"] = seconds_before + time.time() - t_start
-            save(step)
-    progress.close()
-    ckpts.close()
-
-    test_xs, test_masks = place.eval_batches(x_test, eval_bs)
-    test = {k: float(v) for k, v in
-            evaluate(best_params, test_xs, test_masks, eval_rng, place.single(state.step)).items()}
-    summary = _final_evaluation(exp, workdir, parallel.to_host(best_params), meta, test, step)
-    log.info("Wrote %s", os.path.join(workdir, "summary.json"))
+    try:
+        with open(metrics_path if primary else os.devnull, "a") as metrics_file:
+            while not meta["finished"] and meta["epoch"] < cfg.num_epochs:
+                epoch = meta["epoch"]
+                perm = place.permutation(data_rng, len(x_train), epoch)
+                acc, count = new_acc(), 0
+                epoch_train = jax.tree.map(lambda s: 0.0, template)
+                epoch_count = 0
+                for index in range(step - epoch * spe, spe):
+                    state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
+                    step += 1
+                    count += 1
+                    progress.update(1)
+                    end_of_epoch = index == spe - 1
+                    if step % cfg.log_every_steps == 0 or end_of_epoch:
+                        means = {k: float(v) / count for k, v in place.fetch(acc).items()}
+                        check_finite()
+                        metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
+                        progress.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
+                        epoch_train = {k: epoch_train[k] + means[k] * count for k in means}
+                        epoch_count += count
+                        acc, count = new_acc(), 0
+                    if step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+                        meta["train_seconds"] = seconds_before + time.time() - t_start
+                        save(step)
+                params_now = place.single(state.params)
+                val = {k: float(v) for k, v in
+                       evaluate(params_now, val_xs, val_masks, eval_rng, place.single(state.step)).items()}
+                row = {"epoch": epoch + 1, "step": step}
+                row.update({f"train_{k}": v / max(epoch_count, 1) for k, v in epoch_train.items()})
+                row.update({f"validation_{k}": v for k, v in val.items()})
+                metrics_file.write(json.dumps({"step": step, "epoch": epoch + 1,
+                                               "split": "validation", **val}) + "\n")
+                metrics_file.flush()
+                meta["history"].append(row)
+                monitored = val[cfg.monitor] if cfg.monitor in val else val["loss"]
+                best = meta["best_validation"]
+                if best is None or monitored < best - cfg.early_stopping_min_delta:
+                    meta.update(best_validation=monitored, best_epoch=epoch + 1, bad_epochs=0)
+                    best_params = jax.tree.map(jnp.copy, params_now)
+                else:
+                    meta["bad_epochs"] += 1
+                meta["epoch"] = epoch + 1
+                if cfg.early_stopping_patience and meta["bad_epochs"] >= cfg.early_stopping_patience:
+                    meta.update(finished=True, stopped_early=True)
+                if meta["epoch"] >= cfg.num_epochs:
+                    meta["finished"] = True
+                meta["train_seconds"] = seconds_before + time.time() - t_start
+                save(step)
+        progress.close()
+        ckpts.close()
+        test_xs, test_masks = place.eval_batches(x_test, eval_bs)
+        test = {k: float(v) for k, v in
+                evaluate(best_params, test_xs, test_masks, eval_rng, place.single(state.step)).items()}
+    except Exception as e:  # noqa: BLE001 - only a lost peer is turned into another error
+        if not distributed.is_peer_failure(e):
+            raise
+        raise distributed.PeerLostError(
+            f"Process {jax.process_index()} of {jax.process_count()} lost contact with the other "
+            f"processes near step {step} ({str(e).strip().splitlines()[0]}). Training stopped. "
+            f"The newest complete checkpoint in {ckpt_dir} is intact (step {last_good} was the "
+            "last one this process saved); start all processes again with the same command to "
+            "resume from it.") from e
+    summary = _final_evaluation(exp, workdir, parallel.to_host(best_params), meta, test, step,
+                                primary=primary)
+    info("Wrote %s", os.path.join(workdir, "summary.json"))
     return summary
 
 
@@ -439,11 +502,11 @@ def load_best_params(workdir: str) -> Any:
     return state["best_params"]
 
 
-def _progress_bar(cfg, total: int, initial: int):
+def _progress_bar(cfg, total: int, initial: int, *, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not cfg.progress, mininterval=1.0,
-                unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not (cfg.progress and enabled),
+                mininterval=1.0, unit="step", dynamic_ncols=True)
 
 
 def reconstruct_images(model, params, x: Array, reconstruction: str) -> np.ndarray:
@@ -457,8 +520,11 @@ def reconstruct_images(model, params, x: Array, reconstruction: str) -> np.ndarr
 
 
 def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, test: dict,
-                      step: int) -> dict:
-    """The summary of a run from the test metrics of ``params`` (numpy): PCA, IWAE, figures."""
+                      step: int, *, primary: bool = True) -> dict:
+    """The summary of a run from the test metrics of ``params`` (numpy): PCA, IWAE, figures.
+
+    Only the ``primary`` process (0) computes the baselines, draws and writes anything.
+    """
     cfg = exp.config
     (x_train, _), _, (x_test, _) = exp.splits
     summary = {
@@ -472,6 +538,8 @@ def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, test: d
         "train_seconds": round(meta["train_seconds"], 2),
         "test": test,
     }
+    if not primary:
+        return summary
     code_size = _code_size(exp.model)
     pca_recon = None
     if cfg.pca_baseline and code_size is not None:

@@ -1,7 +1,9 @@
 """Runs one experiment: ``python -m experiments.main --config=experiments/configs/NAME.py --workdir=DIR``.
 
 Override any config key on the command line, e.g. ``--config.num_epochs=5``. Running again with
-the same workdir resumes from the newest checkpoint.
+the same workdir resumes from the newest checkpoint. Several processes: run the same command in
+each with ``--config.distributed.coordinator_address=HOST:PORT
+--config.distributed.num_processes=N --config.distributed.process_id=I``.
 """
 
 import json
@@ -31,15 +33,27 @@ def main(argv):
     ours.addHandler(handler)
     ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
-    from aejax import checkpoints, data, stacking, train
+    from aejax import checkpoints, data, distributed, stacking, train
 
     run = stacking.run if FLAGS.config.stacking.pretrain_epochs > 0 else train.train_and_evaluate
     try:
+        # Before anything touches a device; the stacked runs then join the same processes.
+        train.check_config(FLAGS.config)
+        if train.start_distributed(FLAGS.config):
+            import jax
+
+            if jax.process_index() != 0:  # process 0 speaks for the run
+                ours.setLevel(logging.WARNING)
         summary = run(FLAGS.config, FLAGS.workdir)
+    except distributed.PeerLostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.exit_without_shutdown(3)
     except (train.ConfigError, data.DataError, train.NonFiniteLossError,
             checkpoints.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.config.distributed.process_id != 0:
+        return  # process 0 prints the run's summary
     if "finetune" in summary:  # greedy stacking: the fine-tuned and from-scratch results
         summary = {"stacked": summary["finetune"]["test"],
                    "scratch": summary.get("scratch", {}).get("test"),
