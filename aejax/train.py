@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Trains, validates every epoch, checkpoints, and evaluates on the test split.
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
-    only re-evaluated). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
+    only re-evaluated, unless ``num_epochs`` was raised: then the added epochs are trained). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
     With ``config.parallel`` the step runs data-parallel over several devices
     (:class:`aejax.parallel.Placement`); checkpoints hold one copy of the state either way. With
     ``config.distributed`` every process runs this with the same ``workdir`` (a shared file
@@ -380,6 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_good = None
     if restored is not None:
         last_good, tree, meta = restored
+        if meta["finished"] and not meta["stopped_early"] and meta["epoch"] < cfg.num_epochs:
+            meta["finished"] = False  # num_epochs was raised since: train the epochs added
         _check_resumable(meta, exp, workdir)
         state, best_params = place.state(tree["state"]), tree["best_params"]
         info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
