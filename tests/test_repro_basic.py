@@ -1,0 +1,194 @@
+"""Tests of the reproduction scripts' computations (linear AE vs PCA, denoising, sparse, upscaling).
+
+Small synthetic data only; the full runs are the scripts' own (`python -m experiments.repro_*`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aejax import corruptions, models, objectives, pca, train
+from experiments import repro_denoising, repro_linear_pca, repro_sparse, repro_upscaling
+
+from conftest import low_rank_images
+
+
+def low_rank_gaussian(n: int = 1024, dim: int = 20, rank: int = 3, seed: int = 0) -> np.ndarray:
+    """Rank-3 data with well separated variances (9, 4, 2.25) plus isotropic noise (std 0.2)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, rank)))
+    z = rng.normal(size=(n, rank)) * np.array([3.0, 2.0, 1.5])
+    return (z @ basis.T + 0.5 + 0.2 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- linear AE vs PCA
+
+
+def test_principal_angles_known_geometry_and_basis_invariance():
+    t = np.deg2rad(30.0)
+    e = np.eye(5)
+    a = e[:, :2]
+    b = np.stack([e[:, 0], np.cos(t) * e[:, 1] + np.sin(t) * e[:, 2]], axis=1)
+    np.testing.assert_allclose(repro_linear_pca.principal_angles(a, b), [0.0, 30.0], atol=1e-6)
+    # Any basis of the same subspaces gives the same angles.
+    mix = np.array([[2.0, 1.0], [0.5, -3.0]])
+    np.testing.assert_allclose(repro_linear_pca.principal_angles(a @ mix, b @ mix.T), [0.0, 30.0],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        repro_linear_pca.principal_angles(a, np.ones((4, 2)))
+
+
+def test_linear_autoencoder_reaches_pca_error_and_subspace():
+    x = low_rank_gaussian()
+    k = 3
+    fitted, wider = pca.fit(x, k), pca.fit(x, k + 1)
+    # 1600 Adam steps: gaps of 0.02-0.13% and angles under 0.1 degree on data seeds 0-3.
+    model, params, _ = repro_linear_pca.train_linear_autoencoder(
+        x, k, epochs=200, learning_rate=3e-2, batch_size=128)
+    out = repro_linear_pca.compare_with_pca(model, params, fitted, x, x_train=x, wider=wider)
+    assert out["relative_gap"] < 0.01, out
+    assert out["max_angle_deg"]["decoder_rows"] < 2.0, out["principal_angles_deg"]
+    assert out["max_angle_deg"]["covariance_times_encoder"] < 2.0, out["principal_angles_deg"]
+    # The units themselves are not the components: the angles are of subspaces, not of vectors.
+    assert len(out["unit_to_nearest_component_angle_deg"]) == k
+
+
+def test_linear_autoencoder_subspaces_orientation():
+    model = repro_linear_pca.make_model(6, 2)
+    params = models.init(model, jax.random.PRNGKey(0), jnp.zeros((1, 6)))
+    spaces = repro_linear_pca.subspaces(params, covariance=np.eye(6))
+    assert spaces["decoder_rows"].shape == (6, 2)
+    np.testing.assert_array_equal(spaces["decoder_rows"], np.asarray(params["decoder_0"]["kernel"]).T)
+    np.testing.assert_allclose(spaces["covariance_times_encoder"], spaces["encoder_columns"])
+
+
+# --------------------------------------------------------------------------- denoising
+
+
+def _tiny_denoiser(dim=64, seed=0):
+    model = repro_denoising.make_model(dim, hidden=(16,), code_size=4)
+    params = models.init(model, jax.random.PRNGKey(seed), jnp.zeros((1, dim)))
+    return model, params
+
+
+def test_denoising_evaluation_feeds_corrupted_input_and_scores_clean_target():
+    x = low_rank_images(300)
+    model, params = _tiny_denoiser()
+    corrupt = corruptions.masking(0.5)
+    got = repro_denoising.noisy_test_error(model, params, x, corrupt)
+    noisy = repro_denoising.corrupted(x, corrupt)  # the draws of the first (here: only) batch
+    assert not np.allclose(noisy, x)
+    reconstruct = jax.jit(lambda v: jax.nn.sigmoid(model.apply({"params": params}, v)[0]))
+    recon = np.asarray(reconstruct(jnp.asarray(noisy)))
+    np.testing.assert_allclose(got, np.square(recon - x).sum(1).mean(), rtol=1e-5)
+    # Neither the clean input nor the noisy target.
+    clean_recon = np.asarray(reconstruct(jnp.asarray(x)))
+    assert not np.isclose(got, np.square(clean_recon - x).sum(1).mean(), rtol=1e-3)
+    assert not np.isclose(got, np.square(recon - noisy).sum(1).mean(), rtol=1e-3)
+    # Doing nothing: the error of the noisy input itself, same draws.
+    np.testing.assert_allclose(repro_denoising.input_error(x, corrupt),
+                               np.square(noisy - x).sum(1).mean(), rtol=1e-5)
+
+
+def test_evaluate_masks_padding_across_batches():
+    x = low_rank_images(250)
+    model, params = _tiny_denoiser()
+    per_example = train.make_per_example_fn(model, objectives.build("bce", {}))
+    got = repro_denoising.evaluate(per_example, params, x, batch_size=100)  # 3 batches, 50 padded
+    recon = jax.jit(lambda v: jax.nn.sigmoid(model.apply({"params": params}, v)[0]))(x)
+    np.testing.assert_allclose(got["squared_error_per_image"], np.square(recon - x).sum(1).mean(),
+                               rtol=1e-5)
+
+
+def test_fit_lowers_the_loss_repeats_exactly_and_stops_on_nan():
+    x = low_rank_images(256)
+    model, params = _tiny_denoiser()
+    per_example = train.make_per_example_fn(model, objectives.build("bce", {}),
+                                            corrupt=corruptions.gaussian(0.3))
+    tx = optax.adam(3e-3)
+    runs = [repro_denoising.fit(per_example, params, tx, x, epochs=3, batch_size=32)
+            for _ in range(2)]
+    (p1, h1), (p2, h2) = runs
+    assert h1[-1] < h1[0]
+    assert h1 == h2
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+    jax.tree.map(lambda a: a.block_until_ready(), params)  # the caller's params survive donation
+    nan_params = jax.tree.map(lambda p: p * jnp.nan, params)
+    with pytest.raises(train.NonFiniteLossError, match="Non-finite loss at step 0"):
+        repro_denoising.fit(per_example, nan_params, tx, x, epochs=1, batch_size=32)
+
+
+# --------------------------------------------------------------------------- sparse
+
+
+def test_code_statistics_against_numpy():
+    codes = np.array([[0.0, 2.0, 0.0], [0.0, 4.0, 1.0]])
+    s = repro_sparse.code_statistics(codes)
+    assert s["mean_activation"] == pytest.approx(7.0 / 6.0)
+    assert s["fraction_zero"] == pytest.approx(3.0 / 6.0)
+    assert s["dead_units"] == 1
+    assert s["mean_unit_activation_max"] == pytest.approx(3.0)
+
+
+def test_sparse_settings_and_the_l1_penalty_lowers_mean_activation():
+    for kind in ("l1", "kl"):
+        model, terms = repro_sparse.make_setting(kind, 1.0, input_dim=64)
+        objectives.check_compatible(model, terms)  # KL needs sigmoid units: must not raise
+    with pytest.raises(ValueError, match="Unknown sparsity"):
+        repro_sparse.make_setting("l2", 1.0)
+    x = low_rank_images(512)
+    means = []
+    for weight in (0.0, 1.0):
+        model, params, _ = repro_sparse.train_sparse("l1", weight, x, epochs=3, learning_rate=3e-3)
+        codes = model.apply({"params": params}, jnp.asarray(x), method=model.encode)
+        means.append(repro_sparse.code_statistics(codes)["mean_activation"])
+    assert means[1] < 0.7 * means[0], means
+
+
+# --------------------------------------------------------------------------- upscaling
+
+
+def test_downsample_corruption_is_a_numpy_block_average_upsampled():
+    x = np.random.default_rng(0).random((3, 784)).astype(np.float32)
+    blocks = x.reshape(3, 14, 2, 14, 2).mean(axis=(2, 4))
+    expected = np.repeat(np.repeat(blocks, 2, axis=1), 2, axis=2).reshape(3, 784)
+    got = jax.jit(repro_upscaling.downsample_nearest)(jax.random.PRNGKey(0), jnp.asarray(x))
+    assert got.shape == x.shape and got.dtype == x.dtype
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    nhwc = repro_upscaling.downsample_nearest(None, jnp.asarray(x).reshape(3, 28, 28, 1))
+    assert nhwc.shape == (3, 28, 28, 1)
+    np.testing.assert_allclose(np.asarray(nhwc).reshape(3, 784), expected, atol=1e-6)
+    np.testing.assert_allclose(repro_upscaling.downsample(jnp.asarray(x))[..., 0], blocks, atol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        repro_upscaling.downsample_nearest(None, jnp.zeros((2, 30)))
+
+
+def test_psnr_against_numpy():
+    rng = np.random.default_rng(1)
+    y, t = rng.random((4, 28, 28, 1)), rng.random((4, 28, 28, 1))
+    expected = 10 * np.log10(1.0 / ((y - t) ** 2).reshape(4, -1).mean(1))
+    got = jax.jit(repro_upscaling.psnr)(jnp.asarray(y, jnp.float32), jnp.asarray(t, jnp.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(repro_upscaling.psnr(jnp.asarray(y), jnp.asarray(t), peak=2.0),
+                               expected + 20 * np.log10(2.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        repro_upscaling.psnr(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
+
+
+def test_baselines_bicubic_exact_on_smooth_images_and_nearest_matches_corruption():
+    # Bicubic interpolation reproduces a constant image; nearest equals the training corruption.
+    const = np.full((5, 784), 0.25, np.float32)
+    up = repro_upscaling.upscalings(None, None, const)
+    np.testing.assert_allclose(up["bicubic"], const, atol=1e-6)
+    x = np.random.default_rng(2).random((5, 784)).astype(np.float32)
+    up = repro_upscaling.upscalings(None, None, x)
+    np.testing.assert_allclose(up["nearest"], repro_upscaling.downsample_nearest(None, jnp.asarray(x)))
+    assert up["bicubic"].min() >= 0.0 and up["bicubic"].max() <= 1.0
+    table = repro_upscaling.psnr_table(None, None, x, batch=2)  # batches of 2, 2, 1
+    np.testing.assert_allclose(table["nearest"]["squared_error_per_image"],
+                               np.square(up["nearest"] - x).sum(1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        table["bicubic"]["psnr_db"],
+        np.mean(10 * np.log10(1.0 / np.square(up["bicubic"] - x).mean(1))), rtol=1e-5)
