@@ -48,15 +48,31 @@ class TrainState:
                                             dict(metrics_template)))
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        tree)
+
+
 def make_per_example_fn(model, objective: objectives.Objective, *,
                         corrupt: Optional[corruptions.Corruption] = None, binarize: bool = False,
-                        reconstruction: str = "bce") -> PerExampleFn:
+                        reconstruction: str = "bce", compute_dtype: str = "float32") -> PerExampleFn:
     """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
 
     ``batch`` has ``x`` (clean images) and optionally ``mask`` (B,). Binarization and corruption
     draw from ``rng``; metrics hold every objective term, the reconstruction errors and, for
     models with a KL term, the ELBO.
+
+    With ``compute_dtype="bfloat16"`` the model runs in bfloat16 (parameters and inputs cast
+    inside, so gradients and the optimizer stay float32) and its outputs are cast back to
+    float32 before the terms score them: losses are summed and averaged in float32. Terms that
+    run the encoder again (the contractive Jacobian) run it in bfloat16 too.
     """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown compute_dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}.")
+    low = compute_dtype != "float32"
 
     def fn(params, batch, rng, step):
         x = batch["x"]
@@ -65,8 +81,15 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         if binarize:
             x = data.binarize(r_bin, x)
         x_in = corrupt(r_cor, x) if corrupt is not None else x
+        if low:
+            params, x_in = _cast_floats((params, x_in), compute_dtype)
         f = objectives.forward(model, params, x, x_in, rng=r_fwd, step=step, mask=mask)
+        if low:
+            f = f._replace(**_cast_floats(dict(logits=f.logits, code=f.code, activations=f.activations,
+                                               extras=f.extras), jnp.float32))
         total, parts = objective(f)
+        if low:
+            total, parts = _cast_floats((total, parts), jnp.float32)
         se = jnp.square(objectives.reconstruct(f.logits, reconstruction) - x)
         se = se.reshape(x.shape[0], -1).sum(axis=1)
         code = f.activations["code"].reshape(x.shape[0], -1)

@@ -26,8 +26,9 @@ import optax
 from aejax import checkpoints, corruptions, data, distributed, models, objectives, parallel, pca
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
-from aejax.step import (PerExampleFn, TrainState, apply_gradients, make_evaluate,  # noqa: F401
-                        make_per_example_fn, make_train_step, metrics_template, pad_batches)
+from aejax.step import (COMPUTE_DTYPES, PerExampleFn, TrainState, apply_gradients,  # noqa: F401
+                        make_evaluate, make_per_example_fn, make_train_step, metrics_template,
+                        pad_batches)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -63,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Data-parallel step: "auto" (sharded when there is more than one device), "none", "pmap" or
     # "sharded" (aejax.parallel.Placement). batch_size is global and must divide over the devices.
     c.parallel = "auto"
+    # "bfloat16": forward and backward in bfloat16; parameters, optimizer state and the reduction
+    # of the losses stay float32 (aejax.step.make_per_example_fn).
+    c.compute_dtype = "float32"
     c.batch_size = 256
     c.eval_batch_size = 1000
     c.num_epochs = 10
@@ -255,9 +259,13 @@ def build_experiment(config: ml_collections.ConfigDict,
     corruption_options = {k: v for k, v in config.corruption.items() if k != "kind"}
     corrupt = (None if config.corruption.kind == "none"
                else corruptions.build(config.corruption.kind, **corruption_options))
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; choose one of "
+                          f"{COMPUTE_DTYPES}.")
     per_example = make_per_example_fn(model, objective, corrupt=corrupt,
                                       binarize=config.data.binarize,
-                                      reconstruction=config.loss.reconstruction)
+                                      reconstruction=config.loss.reconstruction,
+                                      compute_dtype=config.compute_dtype)
     spe = data.steps_per_epoch(len(splits.train[0]), config.batch_size)
     total = spe * config.num_epochs
     tx = build_optimizer(config.optimizer, total, spe)

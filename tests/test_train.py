@@ -168,6 +168,15 @@ def test_sgd_nesterov_with_schedule_and_weight_decay_trains(small_splits, tmp_pa
     assert lines[-1]["loss"] < lines[0]["loss"] and np.isfinite(summary["test"]["loss"])
 
 
+def test_bfloat16_run_learns_with_float32_parameters(small_splits, tmp_path):
+    c = small_config(compute_dtype="bfloat16")
+    summary = train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+    assert lines[-1]["loss"] < 0.9 * lines[0]["loss"] and np.isfinite(summary["test"]["loss"])
+    params, _ = params_of(str(tmp_path))
+    assert all(np.asarray(p).dtype == np.float32 for p in jax.tree.leaves(params))
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
