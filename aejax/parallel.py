@@ -334,9 +334,14 @@ class Placement:
     def permutation(self, rng: Array, num_examples: int, epoch: int) -> Any:
         """The epoch's example order (:func:`aejax.data.epoch_permutation`), placed for the step."""
         if self.mode == "pmap":  # each device reads its own copy (in_axes 0)
-            return self.state(np.asarray(_permutation_fn(num_examples, None)(rng, epoch)))
+            return self.state(self.host_permutation(rng, num_examples, epoch))
         sharding = self._replicated if self.mode == "sharded" else None
         return _permutation_fn(num_examples, sharding)(rng, epoch)
+
+    def host_permutation(self, rng: Array, num_examples: int, epoch: int) -> np.ndarray:
+        """:meth:`permutation` as numpy, for the streaming path (every process computes it)."""
+        sharding = self._replicated if self.mode == "sharded" else None
+        return np.asarray(_permutation_fn(num_examples, sharding)(rng, epoch))
 
     def batch(self, global_size: int, local: Mapping[str, np.ndarray]) -> dict:
         """A global batch from this process's rows ``local`` (:func:`process_rows`), placed.

@@ -51,7 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist", validation_size=5000, classes=(), flat=True, binarize=False,
-        data_dir="", manual_dir="", train_examples=0))  # train_examples: 0 keeps all
+        data_dir="", manual_dir="", train_examples=0,  # train_examples: 0 keeps all
+        # on_device: the training set sits on the device(s) and batches are gathered inside the
+        # step, when it fits (data.fits_on_device); False, or too big: batches stream from host
+        # memory, each placed on the device two steps ahead of its use.
+        on_device=True))
     # Options other than `name` go to the model's constructor (see aejax.models).
     c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(128,), code_size=32,
                                              activation="relu", code_activation="linear"))
@@ -315,6 +319,18 @@ def _nonfinite_error(bad_step: int, bad_metrics: dict, last_good: Optional[int],
         "resume from that checkpoint.")
 
 
+PREFETCH = 2  # batches placed ahead of the step on the streaming path
+
+
+def _host_batches(place: parallel.Placement, x: np.ndarray, perm: np.ndarray, batch_size: int,
+                  first: int, last: int):
+    """Batches ``first..last-1`` of an epoch in order ``perm``: this process's rows, placed."""
+    rows = distributed.process_rows(batch_size)
+    for index in range(first, last):
+        batch_rows = perm[index * batch_size:(index + 1) * batch_size][rows]
+        yield place.batch(batch_size, {"x": x[batch_rows]})
+
+
 def _check_resumable(meta: dict, exp: Experiment, workdir: str) -> None:
     """Refuses to continue a pmap run on another device count or mode: its noise would change."""
     mode, count = meta.get("parallel", "none"), meta.get("num_devices", 1)
@@ -411,9 +427,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         info("The run in %s is finished; evaluating its best parameters again.", workdir)
     step_fn = (parallel.make_device_step(exp.per_example, exp.tx, axis_name=parallel.PMAP_AXIS)
                if exp.parallel == "pmap" else make_train_step(exp.per_example, exp.tx))
-    run_step = place.fused_step(step_fn, bs)
+    on_device = cfg.data.on_device and data.fits_on_device(x_train.nbytes)
+    if on_device:
+        run_step = place.fused_step(step_fn, bs)
+        x_train_dev = place.data(x_train)
+    else:
+        info("Streaming the training set from host memory (data.on_device=%s, %.0f MB): each "
+             "process places its rows of every batch, %d batches ahead.", cfg.data.on_device,
+             x_train.nbytes / 2**20, PREFETCH)
+        run_step = place.stream_step(step_fn)
     evaluate = jax.jit(make_evaluate(exp.per_example))
-    x_train_dev = place.data(x_train)
     val_xs, val_masks = place.eval_batches(x_val, eval_bs)
 
     def check_finite():
@@ -437,12 +460,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with open(metrics_path if primary else os.devnull, "a") as metrics_file:
             while not meta["finished"] and meta["epoch"] < cfg.num_epochs:
                 epoch = meta["epoch"]
-                perm = place.permutation(data_rng, len(x_train), epoch)
+                first = step - epoch * spe
+                if on_device:
+                    perm = place.permutation(data_rng, len(x_train), epoch)
+                else:  # the same order as on the device
+                    batches = parallel.prefetch_to_device(_host_batches(
+                        place, x_train, place.host_permutation(data_rng, len(x_train), epoch),
+                        bs, first, spe), PREFETCH)
                 acc, count = new_acc(), 0
                 epoch_train = jax.tree.map(lambda s: 0.0, template)
                 epoch_count = 0
-                for index in range(step - epoch * spe, spe):
-                    state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
+                for index in range(first, spe):
+                    if on_device:
+                        state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
+                    else:
+                        state, acc = run_step(state, acc, next(batches), train_rng)
                     step += 1
                     count += 1
                     progress.update(1)

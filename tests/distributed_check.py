@@ -1,8 +1,9 @@
 """One process of a multi-process run on 127.0.0.1; run by tests/test_distributed.py.
 
-``python tests/distributed_check.py WORKDIR PORT NUM_PROCESSES PROCESS_ID [--step-delay S]``
-trains :func:`run_config` on ``parallel_check.loop_splits()`` with ``jax.distributed`` on
-127.0.0.1:PORT, one CPU device per process, and prints one JSON line. After a lost peer it exits
+``python tests/distributed_check.py WORKDIR PORT NUM_PROCESSES PROCESS_ID [--step-delay S]
+[--stream]`` trains :func:`run_config` on ``parallel_check.loop_splits()`` with
+``jax.distributed`` on 127.0.0.1:PORT, one CPU device per process (``--stream``: batches from
+host memory, each process placing its rows), and prints one JSON line. After a lost peer it exits
 as experiments.main does: the error on stderr, status 3.
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("num_processes", type=int)
     parser.add_argument("process_id", type=int)
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[aejax] %(message)s"))
@@ -57,7 +59,8 @@ def main() -> None:
     logging.getLogger("aejax").propagate = False
     if args.step_delay:
         slow_down(args.step_delay)
-    config = run_config(args.port, args.num_processes, args.process_id, parallel="auto")
+    config = run_config(args.port, args.num_processes, args.process_id, parallel="auto",
+                        **{"data.on_device": not args.stream})
     try:
         summary = train.train_and_evaluate(config, args.workdir, splits=loop_splits())
     except distributed.PeerLostError as e:

@@ -242,6 +242,14 @@ def loop_checks(rtol: float, atol: float, root: str) -> dict:
     params, summary = run("pmap", parallel="pmap")
     out["pmap"]["params"] = allclose(params, ref, rtol, atol)
     out["pmap"]["test_metrics"] = allclose(summary["test"], ref_summary["test"], rtol, atol)
+    # The streaming path (host batches prefetched to the devices) in the same order.
+    stream = {"data.on_device": False}
+    for name, mode, extra, want in (("sharded_stream", "sharded", noise, out_params["sharded"]),
+                                    ("pmap_stream", "pmap", {}, out_params["pmap"])):
+        params, _ = run(name, parallel=mode, **stream, **extra)
+        out[name]["params"] = allclose(params, want, rtol, atol)
+        out[name]["params_bitwise"] = all(bool(np.array_equal(a, b)) for a, b in zip(
+            jax.tree.leaves(params), jax.tree.leaves(want)))
     out["noise_moved_params"] = allclose(out_params["none_noisy"], ref, rtol, atol)["max_abs_diff"]
     init = models.init(train.build_experiment(loop_config(), splits).model,
                        jax.random.split(jax.random.PRNGKey(0), 4)[0], jnp.asarray(splits.train[0][:BATCH]))

@@ -39,10 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, *, step_delay: float = 0.0) -> list[subprocess.Popen]:
+def launch(workdir, *, step_delay: float = 0.0, stream: bool = False) -> list[subprocess.Popen]:
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    extra = ["--step-delay", str(step_delay)] if step_delay else []
+    extra = (["--step-delay", str(step_delay)] if step_delay else []) + (["--stream"] if stream else [])
     return [subprocess.Popen([sys.executable, SCRIPT, str(workdir), str(port), "2", str(i), *extra],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for i in range(2)]
@@ -78,11 +78,16 @@ def leaves_equal(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process; two processes; two processes of which one is killed; their restart."""
+    """One process; two processes; two processes of which one is killed; their restart.
+
+    The uninterrupted 2-process run streams its batches from host memory (each process places
+    its half of every batch); the killed one and its restart keep the training set on the
+    devices. The same batches in the same order: the two paths must end bit for bit alike.
+    """
     root = tmp_path_factory.mktemp("distributed")
     out = {"root": root}
     # Start the first 2-process run now; the 1-process run below overlaps with its start-up.
-    full = launch(root / "two")
+    full = launch(root / "two", stream=True)
     train.train_and_evaluate(run_config(parallel="none"), str(root / "one"), splits=loop_splits())
     out["two"] = finish(full)
 
@@ -154,6 +159,7 @@ def test_after_a_dead_peer_the_last_checkpoint_restores_and_a_restart_resumes(ru
     for proc in runs["restarted"]:
         assert proc["rc"] == 0, proc["stderr"][-3000:]
     assert f"Resumed from step {steps[-1]}" in runs["restarted"][0]["stderr"]
+    assert "Streaming" in runs["two"][0]["stderr"] and "Streaming" not in runs["restarted"][0]["stderr"]
     _, resumed, _ = read(runs["root"] / "killed")
     _, full, _ = read(runs["root"] / "two")
     assert leaves_equal(resumed["state"], full["state"])

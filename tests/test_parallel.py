@@ -107,6 +107,13 @@ def test_loop_in_parallel_mode_ends_with_the_single_device_parameters(eight_devi
     assert got["meta"] == {"parallel": mode, "num_devices": 8}
 
 
+@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+def test_loop_streaming_path_ends_with_the_device_resident_parameters(eight_devices, mode):
+    got = eight_devices["loop"][f"{mode}_stream"]
+    assert got["params"]["allclose"], got
+    assert got["traces"] == 1
+
+
 def test_loop_sharded_draws_the_single_device_noise(eight_devices):
     # The sharded run above trains with Gaussian corruption; without noise it would end elsewhere.
     assert eight_devices["loop"]["noise_moved_params"] > 1e3 * ATOL

@@ -1,7 +1,9 @@
 """Tests of aejax.train: the step, the loop, checkpoints, resumption and the errors of a run."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +177,32 @@ def test_bfloat16_run_learns_with_float32_parameters(small_splits, tmp_path):
     assert lines[-1]["loss"] < 0.9 * lines[0]["loss"] and np.isfinite(summary["test"]["loss"])
     params, _ = params_of(str(tmp_path))
     assert all(np.asarray(p).dtype == np.float32 for p in jax.tree.leaves(params))
+
+
+def test_streaming_path_ends_with_the_device_resident_parameters(small_splits, tmp_path, caplog):
+    """Batches streamed from host memory (prefetched to the device) in the device path's order.
+
+    The same batches in the same order through the same step: the parameters agree bit for bit,
+    and a streamed run resumed mid-epoch ends where the uninterrupted one does.
+    """
+    train.train_and_evaluate(small_config(), str(tmp_path / "device"), splits=small_splits)
+    stream = small_config(keep_checkpoints=10, **{"data.on_device": False})
+    train.train_and_evaluate(stream, str(tmp_path / "stream"), splits=small_splits)
+    got, step = params_of(str(tmp_path / "stream"))
+    want, _ = params_of(str(tmp_path / "device"))
+    assert step == 3 * 16
+    assert_trees_equal(got, want)
+
+    shutil.copytree(tmp_path / "stream", tmp_path / "resumed")
+    ckdir = tmp_path / "resumed" / "checkpoints"
+    for name in os.listdir(ckdir):
+        if name.isdigit() and int(name) > 21:  # as if killed after step 21, mid-epoch 2
+            shutil.rmtree(ckdir / name)
+    with caplog.at_level(logging.INFO, logger="aejax"):
+        summary = train.train_and_evaluate(stream, str(tmp_path / "resumed"), splits=small_splits)
+    assert "Resumed from step 21" in caplog.text and "Streaming the training set" in caplog.text
+    assert summary["steps"] == 48
+    assert_trees_equal(params_of(str(tmp_path / "resumed"))[0], want)
 
 
 # --------------------------------------------------------------------------- checkpoints
