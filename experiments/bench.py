@@ -1,9 +1,10 @@
-"""Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick]``.
+"""Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]``.
 
 Everything is measured side by side in one run, so ratios hold on a shared, noisy machine:
 a float32 matmul roofline, the library's train step for the 784-128-32-128-784 autoencoder
-(batch 256, Adam) against it, one epoch of full Fashion-MNIST, and the contractive penalty's
-modes as ratios to the plain step.
+(batch 256, Adam) against it, the same step data-parallel (sharded and pmap, as the train loop
+runs them) with its overhead over the single-device step, one epoch of full Fashion-MNIST, and
+the contractive penalty's modes as ratios to the plain step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aejax import data, models, objectives, train
+from aejax import data, models, objectives, parallel, train
 
 BATCH = 256
 
@@ -48,8 +49,12 @@ def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
-def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3):
-    """The train loop's own fused step (gather + step + metric accumulation), ready to time."""
+def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
+                num_devices=1):
+    """The train loop's own fused step (gather + step + metric accumulation), ready to time.
+
+    ``mode`` and ``num_devices`` choose the loop's placement (:class:`aejax.parallel.Placement`).
+    """
     opt = train.default_config().optimizer
     opt.learning_rate = lr
     objective = objectives.build(reconstruction, terms)
@@ -57,22 +62,20 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3):
     tx = train.build_optimizer(opt, 10_000, 100)
     params = models.init(model, jax.random.PRNGKey(0), x_all[:BATCH])
     template = train.metrics_template(per_example, params, x_all[:BATCH])
-    train_step = train.make_train_step(per_example, tx)
-
-    def fused(state, acc, x, perm, index, rng):
-        batch = {"x": data.take_batch(x, perm, index, BATCH)}
-        state, metrics = train_step(state, batch, rng)
-        return state, jax.tree.map(jnp.add, acc, metrics)
-
-    run = jax.jit(fused, donate_argnums=(0, 1))
-    perm = data.epoch_permutation(jax.random.PRNGKey(1), len(x_all), 0)
-    rng = jax.random.PRNGKey(2)
+    place = parallel.Placement.create(mode, num_devices)
+    step_fn = (parallel.make_device_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
+               if mode == "pmap" else train.make_train_step(per_example, tx))
+    run = place.fused_step(step_fn, BATCH)
+    x = place.data(np.asarray(x_all))
+    perm = place.permutation(place.constant(jax.random.PRNGKey(1)), len(x_all), 0)
+    rng = place.constant(jax.random.PRNGKey(2))
     spe = len(x_all) // BATCH
-    holder = {"state": train.TrainState.create(params, tx, template),
-              "acc": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template), "i": 0}
+    holder = {"state": place.state(train.TrainState.create(params, tx, template)),
+              "acc": place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)),
+              "i": 0}
 
     def one():
-        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x_all, perm,
+        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x, perm,
                                              holder["i"] % spe, rng)
         holder["i"] += 1
         return holder["acc"]
@@ -81,24 +84,53 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3):
     return one, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
 
 
+def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dict]:
+    """steps/s of the loop's step in every parallel mode on one device, and on all if several.
+
+    The modes are timed in turns, ``repeats`` rounds of ``number`` steps each, and each keeps its
+    best round: a burst of load on a shared machine then hits every mode alike.
+    """
+    cases = [("none", 1), ("sharded", 1), ("pmap", 1)]
+    if jax.device_count() > 1:
+        cases += [("sharded", jax.device_count()), ("pmap", jax.local_device_count())]
+    runners = {case: step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])[0]
+               for case in cases}
+    best = {case: float("inf") for case in cases}
+    for _ in range(repeats):
+        for case, run in runners.items():
+            best[case] = min(best[case], best_time(run, repeats=1, number=number))
+    base = best[("none", 1)]
+    return [dict(name="parallel_step", mode=mode, devices=n, model="784-128-32-128-784",
+                 batch=BATCH, steps_per_s=round(1 / t, 1), time_ratio_to_single_device=round(t / base, 3))
+            for (mode, n), t in best.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and no fwd-mode Jacobian")
     parser.add_argument("--skip-epoch", action="store_true", help="skip the full-epoch timing (no data)")
+    parser.add_argument("--parallel-only", action="store_true",
+                        help="only the data-parallel steps against the single-device step")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
+    x_all = jax.random.uniform(jax.random.PRNGKey(0), (BATCH * 40, 784), jnp.float32)
+    ae = models.MLPAutoencoder(hidden=(128,), code_size=32, activation="relu")
+    if args.parallel_only:
+        for record in parallel_steps(ae, x_all, repeats=2 * repeats):
+            emit(**record)
+        return
 
     roofline = matmul_roofline()
     emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
 
-    x_all = jax.random.uniform(jax.random.PRNGKey(0), (BATCH * 40, 784), jnp.float32)
-    ae = models.MLPAutoencoder(hidden=(128,), code_size=32, activation="relu")
     plain, num_weights = step_runner(ae, {}, x_all)
     t_plain = best_time(plain, repeats=repeats, number=100)
     flops = 6 * num_weights * BATCH
     emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
          steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
          fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
+    for record in parallel_steps(ae, x_all, repeats=2 * repeats):
+        emit(**record)
 
     modes = ["best", "dense", "rev", "auto", "estimate"] + ([] if args.quick else ["fwd"])
     for mode in modes:
