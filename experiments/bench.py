@@ -84,6 +84,34 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
     return one, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
 
 
+def input_pipeline(model, x_all, t_loop: float, *, repeats: int) -> dict:
+    """Cost of the device-resident input pipeline: the loop's step against the bare pure step.
+
+    The loop's step gathers its shuffled batch from the on-device dataset and accumulates the
+    metrics; the bare step gets one fixed, already-placed batch. Their difference is what the
+    input pipeline (and the metric sums) cost per step.
+    """
+    objective = objectives.build("bce", {})
+    per_example = train.make_per_example_fn(model, objective)
+    tx = train.build_optimizer(train.default_config().optimizer, 10_000, 100)
+    batch = {"x": jax.device_put(x_all[:BATCH])}
+    params = models.init(model, jax.random.PRNGKey(0), batch["x"])
+    bare = jax.jit(train.make_train_step(per_example, tx), donate_argnums=0)
+    holder = {"state": train.TrainState.create(
+        jax.tree.map(jnp.copy, params), tx, train.metrics_template(per_example, params, batch["x"]))}
+    rng = jax.random.PRNGKey(2)
+
+    def one():
+        holder["state"], metrics = bare(holder["state"], batch, rng)
+        return metrics
+
+    jax.block_until_ready(one())
+    t_bare = best_time(one, repeats=repeats, number=100)
+    return dict(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
+                bare_step_per_s=round(1 / t_bare, 1), loop_step_per_s=round(1 / t_loop, 1),
+                overhead_fraction=round((t_loop - t_bare) / t_loop, 3))
+
+
 def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dict]:
     """steps/s of the loop's step in every parallel mode on one device, and on all if several.
 
@@ -129,6 +157,7 @@ def main() -> None:
     emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
          steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
          fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
+    emit(**input_pipeline(ae, x_all, t_plain, repeats=repeats))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
         emit(**record)
 
