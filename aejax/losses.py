@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -115,7 +116,9 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
     """
     _check_pair(logits, targets, "bce_with_logits")
     if not isinstance(targets, jax.core.Tracer):
-        lo, hi = float(jnp.min(targets)), float(jnp.max(targets))
+        # NumPy, not jnp: inside a trace even a constant's jnp.min would be staged out.
+        t = np.asarray(targets)
+        lo, hi = (float(t.min()), float(t.max())) if t.size else (0.0, 0.0)
         if not (0.0 <= lo and hi <= 1.0):  # also catches NaN
             raise ValueError(f"bce_with_logits: targets must lie in [0, 1] (Bernoulli means), got "
                              f"values in [{lo}, {hi}]. Scale images by 1/255, or use mse for "
