@@ -268,8 +268,10 @@ class Placement:
     """Where :func:`aejax.train.train_and_evaluate` keeps the state, the data and each batch.
 
     * ``none``: one device.
-    * ``pmap``: a copy of the state on each of ``num_devices`` local devices (leading axis), each
-      device gathering its contiguous shard of every global batch (:func:`make_device_step`).
+    * ``pmap``: the per-device step (:func:`make_device_step`, explicit ``psum`` over
+      ``PMAP_AXIS``) on ``num_devices`` local devices, each gathering its contiguous shard of
+      every global batch; run as ``jit(shard_map)`` with the state replicated
+      (:meth:`_per_device`), not stacked on a leading axis as ``jax.pmap`` would.
     * ``sharded``: global arrays on a one-axis mesh over every device of every process: the
       state and the device-resident data replicated, every batch split on ``data``.
 
@@ -290,6 +292,7 @@ class Placement:
             return cls(mode, num_devices, make_mesh(num_devices, data_axis=DATA_AXIS))
         if mode == "pmap":
             return cls(mode, num_devices, _pmap_sharding(num_devices, PMAP_AXIS).mesh)
+        # (pmap's mesh is over this process's devices: multi-process runs use "sharded".)
         return cls(mode, 1)
 
     @property
@@ -304,17 +307,15 @@ class Placement:
 
     def state(self, tree: Any) -> Any:
         """A single copy of ``tree`` (state, metric accumulator) placed as the step takes it."""
-        if self.mode == "pmap":
-            return replicate(tree, self.num_devices, axis_name=PMAP_AXIS)
-        if self.mode == "sharded":
+        if self.mode in ("pmap", "sharded"):
             return _global(tree, self._replicated)
         return jax.device_put(tree)
 
     def single(self, tree: Any) -> Any:
         """One copy of a placed ``tree``: what is checkpointed and evaluated."""
-        if self.mode == "pmap":
+        if self.mode == "pmap":  # evaluation runs on the first device, as with parallel="none"
             device = jax.local_devices()[0]
-            return jax.tree.map(lambda a: jax.device_put(a[0], device), tree)
+            return jax.tree.map(lambda a: jax.device_put(a, device), tree)
         return tree
 
     def fetch(self, tree: Any) -> Any:
@@ -323,7 +324,7 @@ class Placement:
 
     def constant(self, x: Any) -> Any:
         """One value (a key) that every device reads, passed to the step without a device axis."""
-        if self.mode == "sharded":
+        if self.mode in ("pmap", "sharded"):
             return _global(np.asarray(x), self._replicated)
         return jax.device_put(x)
 
@@ -333,14 +334,12 @@ class Placement:
 
     def permutation(self, rng: Array, num_examples: int, epoch: int) -> Any:
         """The epoch's example order (:func:`aejax.data.epoch_permutation`), placed for the step."""
-        if self.mode == "pmap":  # each device reads its own copy (in_axes 0)
-            return self.state(self.host_permutation(rng, num_examples, epoch))
-        sharding = self._replicated if self.mode == "sharded" else None
+        sharding = self._replicated if self.mode != "none" else None
         return _permutation_fn(num_examples, sharding)(rng, epoch)
 
     def host_permutation(self, rng: Array, num_examples: int, epoch: int) -> np.ndarray:
         """:meth:`permutation` as numpy, for the streaming path (every process computes it)."""
-        sharding = self._replicated if self.mode == "sharded" else None
+        sharding = self._replicated if self.mode != "none" else None
         return np.asarray(_permutation_fn(num_examples, sharding)(rng, epoch))
 
     def batch(self, global_size: int, local: Mapping[str, np.ndarray]) -> dict:
@@ -349,9 +348,9 @@ class Placement:
         Transfers start at once and run while the device computes (``device_put`` is
         asynchronous), which is what :func:`prefetch_to_device` relies on.
         """
-        if self.mode == "pmap":
-            return jax.device_put(shard_batch(local, self.num_devices),
-                                  _pmap_sharding(self.num_devices, PMAP_AXIS))
+        if self.mode == "pmap":  # device d gets rows d * B / D ... (d + 1) * B / D - 1
+            _check_divisible(local, self.num_devices)
+            return jax.device_put(dict(local), _pmap_sharding(self.num_devices, PMAP_AXIS))
         if self.mode == "sharded":
             return {k: jax.make_array_from_process_local_data(
                 self._split, np.asarray(v), (global_size,) + np.shape(v)[1:])
@@ -387,6 +386,20 @@ class Placement:
 
     # -- the loop's steps
 
+    def _per_device(self, body: Callable, in_specs: tuple) -> Callable:
+        """``body`` (per-device code over ``PMAP_AXIS``, as under ``jax.pmap``) as ``jit(shard_map)``.
+
+        This is how JAX itself now runs ``jax.pmap``, but the state stays one replicated array
+        per leaf instead of a stack of per-device copies on a leading axis: with the stack, XLA
+        copies the donated state in and out of every step (``jax.pmap`` measured 1.08x the
+        single-device step on one CPU device; this, 1.00x: ``python -m experiments.bench``).
+        """
+        # check_vma=False, as jax.pmap: the body psums its gradients itself (with the check on,
+        # autodiff would also sum them and add all-reduces that cost ~4% even on one device).
+        return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs,
+                                     out_specs=(P(), P()), check_vma=False), donate_argnums=(0, 1))
+
+
     def fused_step(self, step_fn: Callable, batch_size: int) -> Callable:
         """``run(state, acc, x_all, perm, index, rng) -> (state, acc)``: gather, step, add metrics.
 
@@ -400,11 +413,10 @@ class Placement:
             def fused_pmap(state, acc, x_all, perm, index, rng):
                 start = index * batch_size + jax.lax.axis_index(PMAP_AXIS) * per_device
                 rows = jax.lax.dynamic_slice(perm, (start,), (per_device,))
-                state, metrics = step_fn(state, {"x": jnp.take(x_all, rows, axis=0)}, rng)
+                state, metrics = step_fn(state, {"x": _gather_rows(x_all, rows)}, rng)
                 return state, jax.tree.map(jnp.add, acc, metrics)
 
-            return jax.pmap(fused_pmap, axis_name=PMAP_AXIS, in_axes=(0, 0, 0, 0, None, None),
-                            donate_argnums=(0, 1))
+            return self._per_device(fused_pmap, (P(),) * 6)
 
         split = self._split if self.mode == "sharded" else None
 
@@ -412,7 +424,7 @@ class Placement:
             rows = jax.lax.dynamic_slice(perm, (index * batch_size,), (batch_size,))
             if split is not None:  # each device gathers only the rows of its shard
                 rows = jax.lax.with_sharding_constraint(rows, split)
-            x = jnp.take(x_all, rows, axis=0)
+            x = _gather_rows(x_all, rows)
             if split is not None:
                 x = jax.lax.with_sharding_constraint(x, split)
             state, metrics = step_fn(state, {"x": x}, rng)
@@ -431,8 +443,7 @@ class Placement:
             return state, jax.tree.map(jnp.add, acc, metrics)
 
         if self.mode == "pmap":
-            return jax.pmap(fused, axis_name=PMAP_AXIS, in_axes=(0, 0, 0, None),
-                            donate_argnums=(0, 1))
+            return self._per_device(fused, (P(), P(), P(PMAP_AXIS), P()))
         if self.mode == "sharded":
             rep = self._replicated
             return jax.jit(fused, in_shardings=(rep, rep, self._split, rep),
@@ -443,6 +454,11 @@ class Placement:
 def to_host(tree: Any) -> Any:
     """``tree`` as numpy arrays; global arrays must be replicated (every process gets them)."""
     return jax.tree.map(np.asarray, tree)
+
+
+def _gather_rows(x_all: Array, rows: Array) -> Array:
+    """``x_all[rows]``; ``rows`` come from a permutation, so the bounds checks are skipped."""
+    return x_all.at[rows].get(mode="promise_in_bounds")
 
 
 @functools.lru_cache(maxsize=None)

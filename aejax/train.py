@@ -26,7 +26,7 @@ import optax
 from aejax import checkpoints, corruptions, data, distributed, models, objectives, parallel, pca
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
-from aejax.step import (COMPUTE_DTYPES, PerExampleFn, TrainState, apply_gradients,  # noqa: F401
+from aejax.step import (COMPUTE_DTYPES, PerExampleFn, TrainState, apply_gradients, global_norm,  # noqa: F401
                         make_evaluate, make_per_example_fn, make_train_step, metrics_template,
                         pad_batches)
 
@@ -437,6 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              x_train.nbytes / 2**20, PREFETCH)
         run_step = place.stream_step(step_fn)
     evaluate = jax.jit(make_evaluate(exp.per_example))
+    param_norm = jax.jit(global_norm)  # logged at log steps: every step it would cost ~3%
     val_xs, val_masks = place.eval_batches(x_val, eval_bs)
 
     def check_finite():
@@ -481,10 +482,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     end_of_epoch = index == spe - 1
                     if step % cfg.log_every_steps == 0 or end_of_epoch:
                         means = {k: float(v) / count for k, v in place.fetch(acc).items()}
+                        means["param_norm"] = float(place.fetch(param_norm(place.single(state.params))))
                         check_finite()
                         metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
                         progress.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
-                        epoch_train = {k: epoch_train[k] + means[k] * count for k in means}
+                        epoch_train = {k: epoch_train.get(k, 0.0) + means[k] * count for k in means}
                         epoch_count += count
                         acc, count = new_acc(), 0
                     if step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:

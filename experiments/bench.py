@@ -39,14 +39,27 @@ def best_time(fn, *, repeats: int, number: int) -> float:
     return min(times)
 
 
-def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
-    """float32 GFLOP/s of an n x n matmul in JAX."""
+def interleaved(runners: dict, *, rounds: int) -> dict:
+    """Best time per call of each ``{name: (fn, number)}``, timed in turns over ``rounds`` rounds.
+
+    Every round times each runner once (``number`` calls), so a burst of load from other jobs
+    on a shared machine hits all of them alike, and the best round of each is the one least
+    disturbed. Ratios of the results are what the benchmark reports.
+    """
+    best = {name: float("inf") for name in runners}
+    for _ in range(rounds):
+        for name, (fn, number) in runners.items():
+            best[name] = min(best[name], best_time(fn, repeats=1, number=number))
+    return best
+
+
+def matmul_runner(n: int = 2048):
+    """A jitted float32 ``n x n`` matmul, compiled, and its FLOPs: the roofline's probe."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
     jax.block_until_ready(f(a, b))
-    t = best_time(lambda: f(a, b), repeats=repeats, number=5)
-    return 2 * n**3 / t / 1e9
+    return (lambda: f(a, b)), 2 * n**3
 
 
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
@@ -84,53 +97,65 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
     return one, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
 
 
-def input_pipeline(model, x_all, t_loop: float, *, repeats: int) -> dict:
-    """Cost of the device-resident input pipeline: the loop's step against the bare pure step.
+def bare_runner(model, x_all, *, literal_pmap: bool = False):
+    """The pure step (``train.make_train_step``), jitted, on one fixed already-placed batch.
 
-    The loop's step gathers its shuffled batch from the on-device dataset and accumulates the
-    metrics; the bare step gets one fixed, already-placed batch. Their difference is what the
-    input pipeline (and the metric sums) cost per step.
+    Against the loop's fused step it gives the cost of the device-resident input pipeline: the
+    loop's step gathers its shuffled batch from the on-device dataset and adds the metrics to
+    the accumulator; the bare step does neither. With ``literal_pmap`` it is
+    ``parallel.make_pmap_step`` instead (``jax.pmap``, the state stacked on a leading axis of
+    one device) on the same batch, for what ``jax.pmap`` itself costs.
     """
     objective = objectives.build("bce", {})
     per_example = train.make_per_example_fn(model, objective)
     tx = train.build_optimizer(train.default_config().optimizer, 10_000, 100)
-    batch = {"x": jax.device_put(x_all[:BATCH])}
-    params = models.init(model, jax.random.PRNGKey(0), batch["x"])
-    bare = jax.jit(train.make_train_step(per_example, tx), donate_argnums=0)
-    holder = {"state": train.TrainState.create(
-        jax.tree.map(jnp.copy, params), tx, train.metrics_template(per_example, params, batch["x"]))}
+    x = np.asarray(x_all[:BATCH])
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    state = train.TrainState.create(params, tx, train.metrics_template(per_example, params, x))
+    state = jax.tree.map(np.asarray, state)
+    if literal_pmap:
+        step = parallel.make_pmap_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
+        batch = jax.device_put(parallel.shard_batch({"x": x}, 1))
+        state = parallel.replicate(state, 1, axis_name=parallel.PMAP_AXIS)
+    else:
+        step = jax.jit(train.make_train_step(per_example, tx), donate_argnums=0)
+        batch, state = jax.device_put({"x": x}), jax.device_put(state)
+    holder = {"state": state}
     rng = jax.random.PRNGKey(2)
 
     def one():
-        holder["state"], metrics = bare(holder["state"], batch, rng)
+        holder["state"], metrics = step(holder["state"], batch, rng)
         return metrics
 
     jax.block_until_ready(one())
-    t_bare = best_time(one, repeats=repeats, number=100)
-    return dict(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
-                bare_step_per_s=round(1 / t_bare, 1), loop_step_per_s=round(1 / t_loop, 1),
-                overhead_fraction=round((t_loop - t_bare) / t_loop, 3))
+    return one
 
 
 def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dict]:
     """steps/s of the loop's step in every parallel mode on one device, and on all if several.
 
-    The modes are timed in turns, ``repeats`` rounds of ``number`` steps each, and each keeps its
-    best round: a burst of load on a shared machine then hits every mode alike.
+    The modes are timed in turns (:func:`interleaved`), ``repeats`` rounds of ``number`` steps.
+    Also timed: ``jax.pmap`` itself (``parallel.make_pmap_step``, for scripts) against the bare
+    jitted step, both on one fixed batch on one device.
     """
     cases = [("none", 1), ("sharded", 1), ("pmap", 1)]
     if jax.device_count() > 1:
         cases += [("sharded", jax.device_count()), ("pmap", jax.local_device_count())]
-    runners = {case: step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])[0]
+    runners = {case: (step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])[0], number)
                for case in cases}
-    best = {case: float("inf") for case in cases}
-    for _ in range(repeats):
-        for case, run in runners.items():
-            best[case] = min(best[case], best_time(run, repeats=1, number=number))
+    runners["bare"] = (bare_runner(model, x_all), number)
+    runners["jax.pmap"] = (bare_runner(model, x_all, literal_pmap=True), number)
+    best = interleaved(runners, rounds=repeats)
+    t_bare, t_pmap = best.pop("bare"), best.pop("jax.pmap")
     base = best[("none", 1)]
-    return [dict(name="parallel_step", mode=mode, devices=n, model="784-128-32-128-784",
-                 batch=BATCH, steps_per_s=round(1 / t, 1), time_ratio_to_single_device=round(t / base, 3))
-            for (mode, n), t in best.items()]
+    records = [dict(name="parallel_step", mode=mode, devices=n, model="784-128-32-128-784",
+                    batch=BATCH, steps_per_s=round(1 / t, 1),
+                    time_ratio_to_single_device=round(t / base, 3))
+               for (mode, n), t in best.items()]
+    records.append(dict(name="jax_pmap_step", step="parallel.make_pmap_step", devices=1,
+                        model="784-128-32-128-784", batch=BATCH, steps_per_s=round(1 / t_pmap, 1),
+                        time_ratio_to_jit_step=round(t_pmap / t_bare, 3)))
+    return records
 
 
 def main() -> None:
@@ -148,38 +173,44 @@ def main() -> None:
             emit(**record)
         return
 
-    roofline = matmul_roofline()
-    emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
-
+    matmul, matmul_flops = matmul_runner()
     plain, num_weights = step_runner(ae, {}, x_all)
-    t_plain = best_time(plain, repeats=repeats, number=100)
+    best = interleaved({"matmul": (matmul, 3), "loop": (plain, 100),
+                        "bare": (bare_runner(ae, x_all), 100)}, rounds=2 * repeats)
+    roofline = matmul_flops / best["matmul"] / 1e9
+    emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
+    t_plain, t_bare = best["loop"], best["bare"]
     flops = 6 * num_weights * BATCH
     emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
          steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
          fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
-    emit(**input_pipeline(ae, x_all, t_plain, repeats=repeats))
+    emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
+         bare_step_per_s=round(1 / t_bare, 1), loop_step_per_s=round(1 / t_plain, 1),
+         overhead_fraction=round((t_plain - t_bare) / t_plain, 3))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
         emit(**record)
 
     modes = ["best", "dense", "rev", "auto", "estimate"] + ([] if args.quick else ["fwd"])
+    resolved = {"best": "one_hidden: exact quadratic form per example",
+                "dense": "exact, Gram matrix of the first layer",
+                "estimate": "unbiased estimate, 1 probe"}
     for mode in modes:
-        term = {"contractive": {"weight": 0.1, "mode": mode}}
-        run, _ = step_runner(ae, term, x_all)
-        number = 3 if mode == "fwd" else 30
-        t = best_time(run, repeats=repeats if mode != "fwd" else 1, number=number)
-        resolved = {"best": "one_hidden: exact quadratic form per example",
-                    "dense": "exact, Gram matrix of the first layer",
-                    "estimate": "unbiased estimate, 1 probe"}.get(mode, f"exact, jax {mode}-mode")
-        emit(name="contractive_step", mode=mode, method=resolved, encoder="784-128-32 relu",
-             steps_per_s=round(1 / t, 1), ratio_to_plain=round(t / t_plain, 2))
+        run, _ = step_runner(ae, {"contractive": {"weight": 0.1, "mode": mode}}, x_all)
+        if mode == "fwd":  # ~1 s a step: one timing, against the plain step's
+            t, base = best_time(run, repeats=1, number=3), t_plain
+        else:
+            times = interleaved({"plain": (plain, 100), "penalty": (run, 30)}, rounds=repeats)
+            t, base = times["penalty"], times["plain"]
+        emit(name="contractive_step", mode=mode, method=resolved.get(mode, f"exact, jax {mode}-mode"),
+             encoder="784-128-32 relu", steps_per_s=round(1 / t, 1), ratio_to_plain=round(t / base, 2))
     # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
     sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
-    sig_plain, _ = step_runner(sig, {}, x_all)
-    sig_cf, _ = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
-    t_sp = best_time(sig_plain, repeats=repeats, number=100)
-    t_sc = best_time(sig_cf, repeats=repeats, number=100)
+    times = interleaved({"plain": (step_runner(sig, {}, x_all)[0], 100),
+                         "penalty": (step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}},
+                                                 x_all)[0], 100)}, rounds=repeats)
     emit(name="contractive_step", mode="sigmoid", method="closed form", encoder="784-128 sigmoid",
-         steps_per_s=round(1 / t_sc, 1), ratio_to_plain=round(t_sc / t_sp, 2))
+         steps_per_s=round(1 / times["penalty"], 1),
+         ratio_to_plain=round(times["penalty"] / times["plain"], 2))
 
     if not args.skip_epoch:
         emit(**epoch_time())

@@ -228,7 +228,8 @@ def test_iwae_bound_matches_numpy_and_is_stable(axis):
 
 def test_gradients_of_bce_mse_gaussian_kl_kl_sparsity():
     logits, targets = jnp.asarray(rand(18, (3, 4), -3, 3)), jnp.asarray(rand(19, (3, 4), 0, 1))
-    check_grads(jax.jit(losses.bce_with_logits), (logits, targets), order=1, modes=("fwd", "rev"))
+    # Order 2: the custom JVP of the BCE must itself be differentiable (Hessians, CAE+H).
+    check_grads(jax.jit(losses.bce_with_logits), (logits, targets), order=2, modes=("fwd", "rev"))
     check_grads(jax.jit(losses.mse), (logits, targets), order=1, modes=("fwd", "rev"))
     check_grads(jax.jit(losses.gaussian_kl), (logits[:, :3], targets[:, :3]), order=1,
                 modes=("fwd", "rev"))
