@@ -400,28 +400,26 @@ class Placement:
                                      out_specs=(P(), P()), check_vma=False), donate_argnums=(0, 1))
 
 
-    def fused_step(self, step_fn: Callable, batch_size: int) -> Callable:
-        """``run(state, acc, x_all, perm, index, rng) -> (state, acc)``: gather, step, add metrics.
+    def fused_step(self, step_fn: Callable, batch_size: int, steps_per_epoch: int) -> Callable:
+        """``run(state, acc, x_all, perm, num_steps, rng) -> (state, acc)``: ``num_steps`` steps.
 
-        The device-resident fast path: batch ``index`` of the epoch is gathered from the placed
-        training set inside the compiled step. ``step_fn`` is ``make_train_step(...)`` or, for
-        ``pmap``, ``make_device_step(...)``. State and accumulator are donated.
+        The device-resident fast path. Each step gathers batch ``state.step % steps_per_epoch``
+        of the epoch's order ``perm`` from the placed training set, takes one step and adds its
+        metrics to ``acc``. A ``fori_loop`` with a traced trip count runs the steps, so one
+        compiled program serves any ``num_steps`` (the loop runs up to its next log, checkpoint
+        or epoch end in one call): one dispatch, and no host round trip, per call rather than
+        per step. ``step_fn`` is ``make_train_step(...)`` or, for ``pmap``,
+        ``make_device_step(...)``. State and accumulator are donated.
         """
-        if self.mode == "pmap":
-            per_device = batch_size // self.num_devices
-
-            def fused_pmap(state, acc, x_all, perm, index, rng):
-                start = index * batch_size + jax.lax.axis_index(PMAP_AXIS) * per_device
-                rows = jax.lax.dynamic_slice(perm, (start,), (per_device,))
-                state, metrics = step_fn(state, {"x": _gather_rows(x_all, rows)}, rng)
-                return state, jax.tree.map(jnp.add, acc, metrics)
-
-            return self._per_device(fused_pmap, (P(),) * 6)
-
+        pmap = self.mode == "pmap"
         split = self._split if self.mode == "sharded" else None
+        rows_per_call = batch_size // self.num_devices if pmap else batch_size
 
-        def fused(state, acc, x_all, perm, index, rng):
-            rows = jax.lax.dynamic_slice(perm, (index * batch_size,), (batch_size,))
+        def one_step(state, acc, x_all, perm, rng):
+            start = (state.step % steps_per_epoch) * batch_size
+            if pmap:  # device d gathers rows d * B / D ... of the batch
+                start = start + jax.lax.axis_index(PMAP_AXIS) * rows_per_call
+            rows = jax.lax.dynamic_slice(perm, (start,), (rows_per_call,))
             if split is not None:  # each device gathers only the rows of its shard
                 rows = jax.lax.with_sharding_constraint(rows, split)
             x = _gather_rows(x_all, rows)
@@ -430,10 +428,16 @@ class Placement:
             state, metrics = step_fn(state, {"x": x}, rng)
             return state, jax.tree.map(jnp.add, acc, metrics)
 
+        def run(state, acc, x_all, perm, num_steps, rng):
+            return jax.lax.fori_loop(0, num_steps, lambda _, carry: one_step(*carry, x_all, perm, rng),
+                                     (state, acc))
+
+        if pmap:
+            return self._per_device(run, (P(),) * 6)
         if self.mode == "sharded":
             rep = self._replicated
-            return jax.jit(fused, out_shardings=(rep, rep), donate_argnums=(0, 1))
-        return jax.jit(fused, donate_argnums=(0, 1))
+            return jax.jit(run, out_shardings=(rep, rep), donate_argnums=(0, 1))
+        return jax.jit(run, donate_argnums=(0, 1))
 
     def stream_step(self, step_fn: Callable) -> Callable:
         """``run(state, acc, batch, rng) -> (state, acc)`` for batches placed by :meth:`batch`."""

@@ -237,6 +237,9 @@ def build_experiment(config: ml_collections.ConfigDict,
     if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
         raise ConfigError("batch_size and eval_batch_size must be positive and num_epochs >= 0; got "
                           f"{config.batch_size}, {config.eval_batch_size}, {config.num_epochs}.")
+    if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+        raise ConfigError("log_every_steps and checkpoint_every_steps must be positive; got "
+                          f"{config.log_every_steps}, {config.checkpoint_every_steps}.")
     mode, num_devices = resolve_parallel(config)
     if splits is None:
         if config.data.name not in data.DATASETS:
@@ -349,7 +352,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Trains, validates every epoch, checkpoints, and evaluates on the test split.
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
-    only re-evaluated, unless ``num_epochs`` was raised: then the added epochs are trained). Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures.
+    only re-evaluated, unless ``num_epochs`` was raised: then the added epochs are trained).
+    Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures. With the training set
+    on the device, one compiled call runs every step up to the next log step, checkpoint or
+    epoch end (:meth:`aejax.parallel.Placement.fused_step`); the host only waits at those.
     With ``config.parallel`` the step runs data-parallel over several devices
     (:class:`aejax.parallel.Placement`); checkpoints hold one copy of the state either way. With
     ``config.distributed`` every process runs this with the same ``workdir`` (a shared file
@@ -429,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                if exp.parallel == "pmap" else make_train_step(exp.per_example, exp.tx))
     on_device = cfg.data.on_device and data.fits_on_device(x_train.nbytes)
     if on_device:
-        run_step = place.fused_step(step_fn, bs)
+        run_step = place.fused_step(step_fn, bs, spe)
         x_train_dev = place.data(x_train)
     else:
         info("Streaming the training set from host memory (data.on_device=%s, %.0f MB): each "
@@ -471,15 +477,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 acc, count = new_acc(), 0
                 epoch_train = jax.tree.map(lambda s: 0.0, template)
                 epoch_count = 0
-                for index in range(first, spe):
-                    if on_device:
-                        state, acc = run_step(state, acc, x_train_dev, perm, index, train_rng)
+                index = first
+                while index < spe:
+                    if on_device:  # every step up to the next log, checkpoint or epoch end
+                        n = min(spe - index, cfg.log_every_steps - step % cfg.log_every_steps,
+                                cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
+                        state, acc = run_step(state, acc, x_train_dev, perm, n, train_rng)
                     else:
+                        n = 1
                         state, acc = run_step(state, acc, next(batches), train_rng)
-                    step += 1
-                    count += 1
-                    progress.update(1)
-                    end_of_epoch = index == spe - 1
+                    step += n
+                    count += n
+                    index += n
+                    progress.update(n)
+                    end_of_epoch = index == spe
                     if step % cfg.log_every_steps == 0 or end_of_epoch:
                         means = {k: float(v) / count for k, v in place.fetch(acc).items()}
                         means["param_norm"] = float(place.fetch(param_norm(place.single(state.params))))

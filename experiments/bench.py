@@ -1,15 +1,18 @@
 """Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]``.
 
 Everything is measured side by side in one run, so ratios hold on a shared, noisy machine:
-a float32 matmul roofline, the library's train step for the 784-128-32-128-784 autoencoder
-(batch 256, Adam) against it, the same step data-parallel (sharded and pmap, as the train loop
-runs them) with its overhead over the single-device step, one epoch of full Fashion-MNIST, and
-the contractive penalty's modes as ratios to the plain step.
+a float32 matmul roofline; the train loop's step for the 784-128-32-128-784 autoencoder
+(batch 256, Adam; 50 steps per call, as the loop runs them between log steps) against it; the
+input pipeline's share of that step; the same step data-parallel (sharded and pmap, as the loop
+runs them) against the single-device step, and ``jax.pmap`` itself; the contractive penalty's
+modes and the VAE as ratios to the plain step; one epoch of full Fashion-MNIST. Every record
+names the device (``device``), so a run on a GPU gives its figures as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -20,6 +23,9 @@ import numpy as np
 from aejax import data, models, objectives, parallel, train
 
 BATCH = 256
+# Steps per call of the loop's step: the loop runs every step up to its next log step in one
+# call, and logs every 50 steps by default (train.default_config().log_every_steps).
+STEPS_PER_CALL = 50
 
 
 def emit(**record) -> None:
@@ -40,7 +46,7 @@ def best_time(fn, *, repeats: int, number: int) -> float:
 
 
 def interleaved(runners: dict, *, rounds: int) -> dict:
-    """Best time per call of each ``{name: (fn, number)}``, timed in turns over ``rounds`` rounds.
+    """Best time per step of each ``{name: (fn, number[, steps_per_call])}``, timed in turns.
 
     Every round times each runner once (``number`` calls), so a burst of load from other jobs
     on a shared machine hits all of them alike, and the best round of each is the one least
@@ -48,8 +54,9 @@ def interleaved(runners: dict, *, rounds: int) -> dict:
     """
     best = {name: float("inf") for name in runners}
     for _ in range(rounds):
-        for name, (fn, number) in runners.items():
-            best[name] = min(best[name], best_time(fn, repeats=1, number=number))
+        for name, (fn, number, *steps) in runners.items():
+            t = best_time(fn, repeats=1, number=number) / (steps[0] if steps else 1)
+            best[name] = min(best[name], t)
     return best
 
 
@@ -63,38 +70,72 @@ def matmul_runner(n: int = 2048):
 
 
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
-                num_devices=1):
-    """The train loop's own fused step (gather + step + metric accumulation), ready to time.
+                num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False):
+    """The train loop's own fused step (gather + step + metric sums), ready to time.
 
-    ``mode`` and ``num_devices`` choose the loop's placement (:class:`aejax.parallel.Placement`).
+    Returns ``(run, steps_per_call, num_weights)``: each ``run()`` takes ``steps_per_call``
+    steps in one call, as the loop does between two log steps. ``mode`` and ``num_devices``
+    choose the loop's placement (:class:`aejax.parallel.Placement`).
     """
     opt = train.default_config().optimizer
     opt.learning_rate = lr
     objective = objectives.build(reconstruction, terms)
-    per_example = train.make_per_example_fn(model, objective, reconstruction=reconstruction)
+    per_example = train.make_per_example_fn(model, objective, reconstruction=reconstruction,
+                                            binarize=binarize)
     tx = train.build_optimizer(opt, 10_000, 100)
     params = models.init(model, jax.random.PRNGKey(0), x_all[:BATCH])
     template = train.metrics_template(per_example, params, x_all[:BATCH])
     place = parallel.Placement.create(mode, num_devices)
     step_fn = (parallel.make_device_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
                if mode == "pmap" else train.make_train_step(per_example, tx))
-    run = place.fused_step(step_fn, BATCH)
+    spe = len(x_all) // BATCH
+    run = place.fused_step(step_fn, BATCH, spe)
     x = place.data(np.asarray(x_all))
     perm = place.permutation(place.constant(jax.random.PRNGKey(1)), len(x_all), 0)
     rng = place.constant(jax.random.PRNGKey(2))
-    spe = len(x_all) // BATCH
     holder = {"state": place.state(train.TrainState.create(params, tx, template)),
-              "acc": place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)),
-              "i": 0}
+              "acc": place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))}
 
     def one():
         holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x, perm,
-                                             holder["i"] % spe, rng)
-        holder["i"] += 1
+                                             steps_per_call, rng)
         return holder["acc"]
 
     jax.block_until_ready(one())  # compile
-    return one, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
+    return one, steps_per_call, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
+
+
+def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
+    """The loop's program (``steps_per_call`` steps per call, metric sums) on one fixed batch.
+
+    The same ``fori_loop`` as :meth:`aejax.parallel.Placement.fused_step` but without the input
+    pipeline (the slice of the epoch's order and the gather of the batch): against the loop
+    it gives what the input pipeline costs.
+    """
+    objective = objectives.build("bce", {})
+    per_example = train.make_per_example_fn(model, objective)
+    tx = train.build_optimizer(train.default_config().optimizer, 10_000, 100)
+    batch = {"x": jax.device_put(np.asarray(x_all[:BATCH]))}
+    params = models.init(model, jax.random.PRNGKey(0), batch["x"])
+    template = train.metrics_template(per_example, params, batch["x"])
+    step_fn = train.make_train_step(per_example, tx)
+
+    def body(_, carry, rng):
+        state, metrics = step_fn(carry[0], batch, rng)
+        return state, jax.tree.map(jnp.add, carry[1], metrics)
+
+    run = jax.jit(lambda state, acc, n, rng: jax.lax.fori_loop(
+        0, n, functools.partial(body, rng=rng), (state, acc)), donate_argnums=(0, 1))
+    holder = {"state": jax.device_put(train.TrainState.create(params, tx, template)),
+              "acc": jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))}
+    rng = jax.random.PRNGKey(2)
+
+    def one():
+        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], steps_per_call, rng)
+        return holder["acc"]
+
+    jax.block_until_ready(one())
+    return one, steps_per_call
 
 
 def bare_runner(model, x_all, *, literal_pmap: bool = False):
@@ -141,8 +182,10 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
     cases = [("none", 1), ("sharded", 1), ("pmap", 1)]
     if jax.device_count() > 1:
         cases += [("sharded", jax.device_count()), ("pmap", jax.local_device_count())]
-    runners = {case: (step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])[0], number)
-               for case in cases}
+    runners = {}
+    for case in cases:
+        run, steps, _ = step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])
+        runners[case] = (run, max(number // steps, 1), steps)
     runners["bare"] = (bare_runner(model, x_all), number)
     runners["jax.pmap"] = (bare_runner(model, x_all, literal_pmap=True), number)
     best = interleaved(runners, rounds=repeats)
@@ -174,19 +217,24 @@ def main() -> None:
         return
 
     matmul, matmul_flops = matmul_runner()
-    plain, num_weights = step_runner(ae, {}, x_all)
-    best = interleaved({"matmul": (matmul, 3), "loop": (plain, 100),
+    plain, spc, num_weights = step_runner(ae, {}, x_all)
+    plain_runner = (plain, 100 // spc, spc)
+    best = interleaved({"matmul": (matmul, 3), "loop": plain_runner,
+                        "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
                         "bare": (bare_runner(ae, x_all), 100)}, rounds=2 * repeats)
     roofline = matmul_flops / best["matmul"] / 1e9
     emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
-    t_plain, t_bare = best["loop"], best["bare"]
+    t_plain, t_fixed, t_bare = best["loop"], best["fixed"], best["bare"]
     flops = 6 * num_weights * BATCH
     emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
-         steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
+         steps_per_call=spc, steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
          fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
     emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
-         bare_step_per_s=round(1 / t_bare, 1), loop_step_per_s=round(1 / t_plain, 1),
-         overhead_fraction=round((t_plain - t_bare) / t_plain, 3))
+         loop_step_per_s=round(1 / t_plain, 1), fixed_batch_step_per_s=round(1 / t_fixed, 1),
+         overhead_fraction=round((t_plain - t_fixed) / t_plain, 3))
+    emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
+         step="jit(train.make_train_step), one fixed batch", steps_per_s=round(1 / t_bare, 1),
+         loop_speedup=round(t_bare / t_plain, 3))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
         emit(**record)
 
@@ -195,22 +243,33 @@ def main() -> None:
                 "dense": "exact, Gram matrix of the first layer",
                 "estimate": "unbiased estimate, 1 probe"}
     for mode in modes:
-        run, _ = step_runner(ae, {"contractive": {"weight": 0.1, "mode": mode}}, x_all)
+        steps = 1 if mode == "fwd" else 10
+        run, _, _ = step_runner(ae, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
+                                steps_per_call=steps)
         if mode == "fwd":  # ~1 s a step: one timing, against the plain step's
             t, base = best_time(run, repeats=1, number=3), t_plain
         else:
-            times = interleaved({"plain": (plain, 100), "penalty": (run, 30)}, rounds=repeats)
+            times = interleaved({"plain": plain_runner, "penalty": (run, 3, steps)}, rounds=repeats)
             t, base = times["penalty"], times["plain"]
         emit(name="contractive_step", mode=mode, method=resolved.get(mode, f"exact, jax {mode}-mode"),
              encoder="784-128-32 relu", steps_per_s=round(1 / t, 1), ratio_to_plain=round(t / base, 2))
     # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
     sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
-    times = interleaved({"plain": (step_runner(sig, {}, x_all)[0], 100),
-                         "penalty": (step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}},
-                                                 x_all)[0], 100)}, rounds=repeats)
+    sig_plain = step_runner(sig, {}, x_all)
+    sig_cf = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
+    times = interleaved({"plain": (sig_plain[0], 100 // spc, spc),
+                         "penalty": (sig_cf[0], 100 // spc, spc)}, rounds=repeats)
     emit(name="contractive_step", mode="sigmoid", method="closed form", encoder="784-128 sigmoid",
          steps_per_s=round(1 / times["penalty"], 1),
          ratio_to_plain=round(times["penalty"] / times["plain"], 2))
+
+    # The VAE of the same widths: 784-128-(mean, log-variance of 32)-128-784, binarized inputs.
+    vae, _, _ = step_runner(models.VAE(hidden=(128,), latent_size=32), {"kl": {"weight": 1.0}},
+                            x_all, binarize=True)
+    times = interleaved({"plain": plain_runner, "vae": (vae, 100 // spc, spc)}, rounds=repeats)
+    emit(name="vae_step", model="VAE 784-128-32-128-784, Bernoulli, dynamic binarization",
+         batch=BATCH, steps_per_s=round(1 / times["vae"], 1),
+         ratio_to_plain=round(times["vae"] / times["plain"], 2))
 
     if not args.skip_epoch:
         emit(**epoch_time())

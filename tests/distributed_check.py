@@ -32,12 +32,12 @@ def slow_down(seconds: float) -> None:
     """Every train step sleeps first: a run long enough to kill a process mid-way."""
     fused_step = parallel.Placement.fused_step
 
-    def slowed(self, step_fn, batch_size):
-        run = fused_step(self, step_fn, batch_size)
+    def slowed(self, step_fn, batch_size, steps_per_epoch):
+        run = fused_step(self, step_fn, batch_size, steps_per_epoch)
 
-        def step(*args):
-            time.sleep(seconds)
-            return run(*args)
+        def step(state, acc, x_all, perm, num_steps, rng):
+            time.sleep(seconds * num_steps)
+            return run(state, acc, x_all, perm, num_steps, rng)
         return step
 
     parallel.Placement.fused_step = slowed
