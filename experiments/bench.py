@@ -221,7 +221,7 @@ def main() -> None:
     plain_runner = (plain, 100 // spc, spc)
     best = interleaved({"matmul": (matmul, 3), "loop": plain_runner,
                         "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
-                        "bare": (bare_runner(ae, x_all), 100)}, rounds=2 * repeats)
+                        "bare": (bare_runner(ae, x_all), 100)}, rounds=4 * repeats)
     roofline = matmul_flops / best["matmul"] / 1e9
     emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
     t_plain, t_fixed, t_bare = best["loop"], best["fixed"], best["bare"]

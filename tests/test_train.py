@@ -106,6 +106,48 @@ def test_step_compiles_once_per_run(small_splits, tmp_path, monkeypatch):
     assert len(traces) == 1
 
 
+def test_one_call_of_the_loops_step_equals_that_many_pure_steps(small_splits):
+    """``fused_step`` runs k steps per call: the same as k calls of one step (bitwise) and as k
+    pure steps on the batches of the epoch's order, picked by ``state.step % steps_per_epoch``
+    (so a call may start mid-epoch, as after a resume); the metric sums add up per step."""
+    from aejax import parallel
+
+    model = models.MLPAutoencoder(input_shape=(64,), hidden=(16,), code_size=4)
+    x_all = small_splits.train[0][:320]  # 5 batches of 64
+    per_example = train.make_per_example_fn(model, objectives.build("bce", {}))
+    tx = optax.adam(1e-2)
+    params = models.init(model, jax.random.PRNGKey(0), jnp.asarray(x_all[:64]))
+    template = train.metrics_template(per_example, params, jnp.asarray(x_all[:64]))
+    place = parallel.Placement.create("none", 1)
+    run = place.fused_step(train.make_train_step(per_example, tx), 64, 5)
+    perm = place.permutation(jax.random.PRNGKey(3), len(x_all), 0)
+    rng = jax.random.PRNGKey(1)
+    fresh = lambda: jax.tree.map(jnp.array, (train.TrainState.create(params, tx, template),
+                                             jax.tree.map(lambda t: jnp.zeros((), t.dtype), template)))
+    x_dev = jnp.asarray(x_all)
+
+    start = fresh()
+    start = run(*start, x_dev, perm, 2, rng)  # steps 0 and 1: the call below starts at batch 2
+    many = run(*jax.tree.map(jnp.array, start), x_dev, perm, 3, rng)
+    one_by_one = jax.tree.map(jnp.array, start)
+    for _ in range(3):
+        one_by_one = run(*one_by_one, x_dev, perm, 1, rng)
+    assert_trees_equal(many, one_by_one)
+
+    state, acc = jax.tree.map(jnp.array, start)
+    step = jax.jit(train.make_train_step(per_example, tx))
+    order = np.asarray(perm)
+    sums = jax.tree.map(jnp.zeros_like, acc)
+    for b in (2, 3, 4):
+        state, metrics = step(state, {"x": x_dev[order[b * 64:(b + 1) * 64]]}, rng)
+        sums = jax.tree.map(jnp.add, sums, metrics)
+    assert int(many[0].step) == 5
+    for a, b in zip(jax.tree.leaves(many[0].params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for k in sums:  # many[1] also holds the sums of the first two steps
+        np.testing.assert_allclose(many[1][k] - start[1][k], sums[k], rtol=1e-4, atol=1e-6)
+
+
 def test_evaluate_masked_mean_counts_padding_right(small_splits):
     """Evaluating in padded batches equals the plain mean over every example."""
     model = models.MLPAutoencoder(input_shape=(64,), hidden=(16,), code_size=4)
@@ -152,6 +194,23 @@ def test_nonlinear_autoencoder_beats_pca_on_curved_data(small_splits, tmp_path):
     assert summary["pca"]["code_size"] == 4
     assert summary["test"]["mse_per_pixel"] < summary["pca"]["test"]["mse_per_pixel"]
     assert summary["autoencoder_beats_pca"]
+
+
+def test_logged_param_norm_is_the_norm_of_the_parameters_at_that_step(small_splits, tmp_path):
+    c = small_config(num_epochs=1, log_every_steps=4, checkpoint_every_steps=8)
+    train.train_and_evaluate(c, str(tmp_path), splits=small_splits)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    by_step = {l["step"]: l for l in lines if l["split"] == "train"}
+    assert sorted(by_step) == [4, 8, 12, 16]
+    ckpts = checkpoints.Checkpoints(str(tmp_path / "checkpoints"), async_save=False)
+    try:
+        for step in (8, 16):
+            tree, _ = ckpts.read(step)
+            expected = optax.tree.norm(tree["state"]["params"])
+            np.testing.assert_allclose(by_step[step]["param_norm"], expected, rtol=1e-6)
+    finally:
+        ckpts.close()
+    assert by_step[4]["param_norm"] != by_step[16]["param_norm"]
 
 
 def test_early_stopping_stops_after_patience(small_splits, tmp_path):
@@ -329,6 +388,12 @@ def test_unwritable_workdir_is_a_clear_error(small_splits, tmp_path):
 def test_unknown_names_are_clear_errors(small_splits, tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(small_config(**{key: value}), str(tmp_path), splits=small_splits)
+
+
+@pytest.mark.parametrize("key", ["log_every_steps", "checkpoint_every_steps"])
+def test_nonpositive_intervals_are_clear_errors(small_splits, tmp_path, key):
+    with pytest.raises(train.ConfigError, match="must be positive"):
+        train.train_and_evaluate(small_config(**{key: 0}), str(tmp_path), splits=small_splits)
 
 
 def test_unknown_config_key_suggests_the_right_one(small_splits, tmp_path):
