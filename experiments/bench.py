@@ -120,18 +120,19 @@ def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
     template = train.metrics_template(per_example, params, batch["x"])
     step_fn = train.make_train_step(per_example, tx)
 
-    def body(_, carry, rng):
+    def body(_, carry, batch, rng):
         state, metrics = step_fn(carry[0], batch, rng)
         return state, jax.tree.map(jnp.add, carry[1], metrics)
 
-    run = jax.jit(lambda state, acc, n, rng: jax.lax.fori_loop(
-        0, n, functools.partial(body, rng=rng), (state, acc)), donate_argnums=(0, 1))
+    run = jax.jit(lambda state, acc, batch, n, rng: jax.lax.fori_loop(
+        0, n, functools.partial(body, batch=batch, rng=rng), (state, acc)), donate_argnums=(0, 1))
     holder = {"state": jax.device_put(train.TrainState.create(params, tx, template)),
               "acc": jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))}
     rng = jax.random.PRNGKey(2)
 
     def one():
-        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], steps_per_call, rng)
+        holder["state"], holder["acc"] = run(holder["state"], holder["acc"], batch,
+                                             steps_per_call, rng)
         return holder["acc"]
 
     jax.block_until_ready(one())
