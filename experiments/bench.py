@@ -45,19 +45,34 @@ def best_time(fn, *, repeats: int, number: int) -> float:
     return min(times)
 
 
-def interleaved(runners: dict, *, rounds: int) -> dict:
-    """Best time per step of each ``{name: (fn, number[, steps_per_call])}``, timed in turns.
+class Timings(dict):
+    """``{name: [seconds per step in each round]}`` from :func:`interleaved`."""
 
-    Every round times each runner once (``number`` calls), so a burst of load from other jobs
-    on a shared machine hits all of them alike, and the best round of each is the one least
-    disturbed. Ratios of the results are what the benchmark reports.
+    def best(self, name) -> float:
+        """The least disturbed round: for absolute rates."""
+        return min(self[name])
+
+    def ratio(self, name, base) -> float:
+        """Median over rounds of ``name``'s time over ``base``'s in the same round.
+
+        Both were timed seconds apart, so load that comes and goes between rounds cancels.
+        """
+        return float(np.median([a / b for a, b in zip(self[name], self[base])]))
+
+
+def interleaved(runners: dict, *, rounds: int) -> Timings:
+    """Seconds per step of each ``{name: (fn, number[, steps_per_call])}``, timed in turns.
+
+    Every round times each runner once (``number`` calls, after one untimed call that lets the
+    caches and thread pool settle after the previous runner), so a burst of load from other
+    jobs on a shared machine hits all of them alike.
     """
-    best = {name: float("inf") for name in runners}
+    times = Timings({name: [] for name in runners})
     for _ in range(rounds):
         for name, (fn, number, *steps) in runners.items():
-            t = best_time(fn, repeats=1, number=number) / (steps[0] if steps else 1)
-            best[name] = min(best[name], t)
-    return best
+            jax.block_until_ready(fn())
+            times[name].append(best_time(fn, repeats=1, number=number) / (steps[0] if steps else 1))
+    return times
 
 
 def matmul_runner(n: int = 2048):
@@ -189,16 +204,15 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
         runners[case] = (run, max(number // steps, 1), steps)
     runners["bare"] = (bare_runner(model, x_all), number)
     runners["jax.pmap"] = (bare_runner(model, x_all, literal_pmap=True), number)
-    best = interleaved(runners, rounds=repeats)
-    t_bare, t_pmap = best.pop("bare"), best.pop("jax.pmap")
-    base = best[("none", 1)]
+    times = interleaved(runners, rounds=repeats)
     records = [dict(name="parallel_step", mode=mode, devices=n, model="784-128-32-128-784",
-                    batch=BATCH, steps_per_s=round(1 / t, 1),
-                    time_ratio_to_single_device=round(t / base, 3))
-               for (mode, n), t in best.items()]
+                    batch=BATCH, steps_per_s=round(1 / times.best((mode, n)), 1),
+                    time_ratio_to_single_device=round(times.ratio((mode, n), ("none", 1)), 3))
+               for mode, n in cases]
     records.append(dict(name="jax_pmap_step", step="parallel.make_pmap_step", devices=1,
-                        model="784-128-32-128-784", batch=BATCH, steps_per_s=round(1 / t_pmap, 1),
-                        time_ratio_to_jit_step=round(t_pmap / t_bare, 3)))
+                        model="784-128-32-128-784", batch=BATCH,
+                        steps_per_s=round(1 / times.best("jax.pmap"), 1),
+                        time_ratio_to_jit_step=round(times.ratio("jax.pmap", "bare"), 3)))
     return records
 
 
@@ -220,22 +234,23 @@ def main() -> None:
     matmul, matmul_flops = matmul_runner()
     plain, spc, num_weights = step_runner(ae, {}, x_all)
     plain_runner = (plain, 100 // spc, spc)
-    best = interleaved({"matmul": (matmul, 3), "loop": plain_runner,
+    times = interleaved({"matmul": (matmul, 3), "loop": plain_runner,
                         "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
                         "bare": (bare_runner(ae, x_all), 100)}, rounds=4 * repeats)
-    roofline = matmul_flops / best["matmul"] / 1e9
-    emit(name="matmul_roofline", n=2048, gflops=round(roofline, 1))
-    t_plain, t_fixed, t_bare = best["loop"], best["fixed"], best["bare"]
+    emit(name="matmul_roofline", n=2048, gflops=round(matmul_flops / times.best("matmul") / 1e9, 1))
+    t_plain = times.best("loop")
     flops = 6 * num_weights * BATCH
     emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
          steps_per_call=spc, steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
-         fraction_of_roofline=round(flops / t_plain / 1e9 / roofline, 3))
+         fraction_of_roofline=round(times.ratio("matmul", "loop") * flops / matmul_flops, 3))
     emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
-         loop_step_per_s=round(1 / t_plain, 1), fixed_batch_step_per_s=round(1 / t_fixed, 1),
-         overhead_fraction=round((t_plain - t_fixed) / t_plain, 3))
+         loop_step_per_s=round(1 / t_plain, 1),
+         fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
+         overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3))
     emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
-         step="jit(train.make_train_step), one fixed batch", steps_per_s=round(1 / t_bare, 1),
-         loop_speedup=round(t_bare / t_plain, 3))
+         step="jit(train.make_train_step), one fixed batch",
+         steps_per_s=round(1 / times.best("bare"), 1),
+         loop_speedup=round(times.ratio("bare", "loop"), 3))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
         emit(**record)
 
@@ -248,29 +263,30 @@ def main() -> None:
         run, _, _ = step_runner(ae, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
                                 steps_per_call=steps)
         if mode == "fwd":  # ~1 s a step: one timing, against the plain step's
-            t, base = best_time(run, repeats=1, number=3), t_plain
+            t = best_time(run, repeats=1, number=3)
+            ratio = t / t_plain
         else:
-            times = interleaved({"plain": plain_runner, "penalty": (run, 3, steps)}, rounds=repeats)
-            t, base = times["penalty"], times["plain"]
+            pair = interleaved({"plain": plain_runner, "penalty": (run, 3, steps)}, rounds=repeats)
+            t, ratio = pair.best("penalty"), pair.ratio("penalty", "plain")
         emit(name="contractive_step", mode=mode, method=resolved.get(mode, f"exact, jax {mode}-mode"),
-             encoder="784-128-32 relu", steps_per_s=round(1 / t, 1), ratio_to_plain=round(t / base, 2))
+             encoder="784-128-32 relu", steps_per_s=round(1 / t, 1), ratio_to_plain=round(ratio, 2))
     # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
     sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
     sig_plain = step_runner(sig, {}, x_all)
     sig_cf = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
-    times = interleaved({"plain": (sig_plain[0], 100 // spc, spc),
+    pair = interleaved({"plain": (sig_plain[0], 100 // spc, spc),
                          "penalty": (sig_cf[0], 100 // spc, spc)}, rounds=repeats)
     emit(name="contractive_step", mode="sigmoid", method="closed form", encoder="784-128 sigmoid",
-         steps_per_s=round(1 / times["penalty"], 1),
-         ratio_to_plain=round(times["penalty"] / times["plain"], 2))
+         steps_per_s=round(1 / pair.best("penalty"), 1),
+         ratio_to_plain=round(pair.ratio("penalty", "plain"), 2))
 
     # The VAE of the same widths: 784-128-(mean, log-variance of 32)-128-784, binarized inputs.
     vae, _, _ = step_runner(models.VAE(hidden=(128,), latent_size=32), {"kl": {"weight": 1.0}},
                             x_all, binarize=True)
-    times = interleaved({"plain": plain_runner, "vae": (vae, 100 // spc, spc)}, rounds=repeats)
+    pair = interleaved({"plain": plain_runner, "vae": (vae, 100 // spc, spc)}, rounds=repeats)
     emit(name="vae_step", model="VAE 784-128-32-128-784, Bernoulli, dynamic binarization",
-         batch=BATCH, steps_per_s=round(1 / times["vae"], 1),
-         ratio_to_plain=round(times["vae"] / times["plain"], 2))
+         batch=BATCH, steps_per_s=round(1 / pair.best("vae"), 1),
+         ratio_to_plain=round(pair.ratio("vae", "plain"), 2))
 
     if not args.skip_epoch:
         emit(**epoch_time())
