@@ -391,8 +391,8 @@ class Placement:
 
         This is how JAX itself now runs ``jax.pmap``, but the state stays one replicated array
         per leaf instead of a stack of per-device copies on a leading axis: with the stack, XLA
-        copies the donated state in and out of every step (``jax.pmap`` measured 1.08x the
-        single-device step on one CPU device; this, 1.00x: ``python -m experiments.bench``).
+        copies the donated state in and out of every step (on one CPU device ``jax.pmap`` took
+        1.07x the jitted step's time, this 0.98x: ``python -m experiments.bench``).
         """
         # check_vma=False, as jax.pmap: the body psums its gradients itself (with the check on,
         # autodiff would also sum them and add all-reduces that cost ~4% even on one device).
