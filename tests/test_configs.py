@@ -59,8 +59,10 @@ def test_family_config_trains_on_real_data(name, tiny_fashion, tmp_path):
     for term in config.loss.terms:
         assert term in test  # every term is reported
     if name == "vae":
-        assert {"elbo", "iwae_nll", "kl"} <= set(test)
-        assert test["iwae_nll"] <= -test["elbo"] + 1.0  # the IWAE bound is tighter (up to MC noise)
+        assert {"elbo", "iwae_nll", "iwae_nll_k1", "kl"} <= set(test)
+        # On the same binarized images the k-sample bound is tighter than k = 1 (up to MC noise).
+        assert test["iwae_nll"] <= test["iwae_nll_k1"] + 0.5
+        assert abs(test["iwae_nll_k1"] + test["elbo"]) < 5.0  # -ELBO, other binarizations
 
 
 def test_stacked_params_compose_the_stage_encoders(tiny_fashion, tmp_path):
