@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run: the train state (params, optimizer state, step) and JSON metadata.
 
 Restoring walks back from the newest step: a checkpoint that fails to restore is moved aside
-(kept for inspection, never deleted) with a warning, and the one before it is used. In a
+(kept for inspection, never deleted) with a warning, and the one before it is used. A readable
+checkpoint whose leaves or shapes differ from what the run builds (another model or optimizer)
+is not corrupt: that is a :class:`CheckpointMismatchError`, and nothing is moved. In a
 multi-process run every process calls every method (orbax coordinates the writes).
 """
 
@@ -22,6 +24,43 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a directory could be restored."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint holds another train state than the one asked for (another model or
+    optimizer): not corruption, so nothing is moved aside."""
+
+
+def _path_key(path) -> tuple:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _leaf_shapes(tree: Any) -> dict:
+    """``{path: shape}`` of a pytree's leaves (arrays, shape structs or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_key(p): tuple(getattr(v, "shape", None) or ()) for p, v in leaves}
+
+
+def _differences(on_disk: dict, wanted: dict, limit: int = 6) -> str:
+    show = lambda paths: ", ".join("/".join(p) for p in sorted(paths)[:limit]) + (
+        f" and {len(paths) - limit} more" if len(paths) > limit else "")
+    parts = []
+    if missing := set(wanted) - set(on_disk):
+        parts.append(f"not in the checkpoint: {show(missing)}")
+    if extra := set(on_disk) - set(wanted):
+        parts.append(f"only in the checkpoint: {show(extra)}")
+    if shapes := [p for p in set(wanted) & set(on_disk) if on_disk[p] != wanted[p]]:
+        parts.append("other shapes: " + ", ".join(
+            f"{'/'.join(p)} {on_disk[p]} on disk, {wanted[p]} now" for p in sorted(shapes)[:limit]))
+    return "; ".join(parts)
 
 
 class Checkpoints:
@@ -80,15 +119,35 @@ class Checkpoints:
 
         Args:
           target: a pytree shaped like the saved state (arrays or ``jax.ShapeDtypeStruct``s); it
-            gives the restored leaves their types (e.g. optax NamedTuples) and shardings.
+            gives the restored leaves their types (e.g. optax NamedTuples) and shardings. Or a
+            function of a checkpoint's on-disk metadata tree returning that pytree (to adopt a
+            part whose layout may differ between versions).
 
         Raises:
+          CheckpointMismatchError: the newest readable checkpoint holds another structure or
+            shapes than ``target`` (written by another model or optimizer); nothing is moved.
           CheckpointError: checkpoints exist but none restores.
         """
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         steps = self.steps()
         failures = []
         for step in reversed(steps):
+            try:
+                on_disk = self._manager.item_metadata(step)["state"]
+                if on_disk is None:
+                    raise ValueError("no metadata")
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a broken checkpoint
+                failures.append((step, e))
+                self._set_aside(step, e)
+                continue
+            wanted = target(on_disk) if callable(target) else target
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
+            differences = _differences(_leaf_shapes(on_disk), _leaf_shapes(abstract))
+            if differences:
+                raise CheckpointMismatchError(
+                    f"The checkpoint at step {step} in {self.directory} holds another train "
+                    f"state than this run builds ({differences}): it was written with another "
+                    "model or optimizer configuration. Resume with the configuration that wrote "
+                    "it, or use a new workdir. Nothing was changed on disk.")
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

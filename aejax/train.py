@@ -405,7 +405,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpts = checkpoints.Checkpoints(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
     meta = {"epoch": 0, "best_validation": None, "best_epoch": None, "bad_epochs": 0,
             "finished": False, "stopped_early": False, "history": [], "train_seconds": 0.0}
-    restored = ckpts.restore_latest({"state": place.single(state), "best_params": best_params})
+    # Checkpoints leave out state.bad_metrics: only finite states are saved, so it is always
+    # zeros there, and its keys (the metric names) may change between versions of aejax.
+    saved_state = place.single(state).replace(bad_metrics=None)
+
+    def restore_target(on_disk):  # checkpoints of earlier versions hold a bad_metrics dict
+        try:
+            old = on_disk["state"]["bad_metrics"]
+        except (KeyError, TypeError):
+            old = None
+        bad = None if old is None else jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype), old)
+        return {"state": saved_state.replace(bad_metrics=bad), "best_params": best_params}
+
+    restored = ckpts.restore_latest(restore_target)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     last_good = None
     if restored is not None:
@@ -413,7 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if meta["finished"] and not meta["stopped_early"] and meta["epoch"] < cfg.num_epochs:
             meta["finished"] = False  # num_epochs was raised since: train the epochs added
         _check_resumable(meta, exp, workdir)
-        state, best_params = place.state(tree["state"]), tree["best_params"]
+        state = place.state(tree["state"].replace(bad_metrics=place.single(state).bad_metrics))
+        best_params = tree["best_params"]
         info("Resumed from step %d (epoch %d) in %s", last_good, meta["epoch"], ckpt_dir)
         if primary:
             _truncate_metrics(metrics_path, last_good)
@@ -454,7 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def save(step):
         nonlocal last_good
         check_finite()
-        ckpts.save(step, {"state": place.single(state), "best_params": best_params}, meta)
+        ckpts.save(step, {"state": place.single(state).replace(bad_metrics=None),
+                          "best_params": best_params}, meta)
         last_good = step
 
     step = int(place.fetch(state.step))

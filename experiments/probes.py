@@ -47,64 +47,77 @@ class CNNClassifier(nn.Module):
         return nn.Dense(self.num_classes)(h)
 
 
+@functools.partial(jax.jit, static_argnames=("module", "steps", "batch_size", "learning_rate",
+                                             "weight_decay"))
+def _classifier_epoch(carry, x, y, key, *, module: nn.Module, steps: int, batch_size: int,
+                      learning_rate: float, weight_decay: float):
+    # Module-level and keyed on static shapes/hyperparameters: every call of fit_classifier with
+    # the same module and data shape reuses one compilation (the data are arguments, not constants).
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+
+    def loss_fn(p, xb, yb):
+        logits = module.apply({"params": p}, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    perm = jax.random.permutation(key, x.shape[0])[: steps * batch_size].reshape(steps, batch_size)
+
+    def step(c, idx):
+        p, s = c
+        grads = jax.grad(loss_fn)(p, x[idx], y[idx])
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    carry, _ = jax.lax.scan(step, carry, perm)
+    return carry
+
+
 def fit_classifier(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 50,
                    batch_size: int = 128, learning_rate: float = 1e-3, weight_decay: float = 1e-4,
                    seed: int = 0) -> Any:
     """Trains ``module`` with Adam(W) on cross-entropy; returns its params.
 
     The epoch loop runs inside one jitted ``lax.scan`` (minibatches of a fixed size, the data on
-    the device), so even thousands of small steps cost one dispatch per epoch.
+    the device), so even thousands of small steps cost one dispatch per epoch; the epoch compiles
+    once per module, data shape and hyperparameters, not once per call.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.int32)
     n = len(x)
     bs = min(batch_size, n)
-    steps = n // bs
     rng = jax.random.PRNGKey(seed)
     params = module.init(rng, x[:1])["params"]
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-    opt_state = tx.init(params)
-
-    def loss_fn(p, xb, yb):
-        logits = module.apply({"params": p}, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    @jax.jit
-    def epoch(carry, key):
-        perm = jax.random.permutation(key, n)[: steps * bs].reshape(steps, bs)
-
-        def step(c, idx):
-            p, s = c
-            grads = jax.grad(loss_fn)(p, x[idx], y[idx])
-            updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
-
-        carry, _ = jax.lax.scan(step, carry, perm)
-        return carry
-
-    carry = (params, opt_state)
+    carry = (params, optax.adamw(learning_rate, weight_decay=weight_decay).init(params))
     for e in range(epochs):
-        carry = epoch(carry, jax.random.fold_in(rng, e))
+        carry = _classifier_epoch(carry, x, y, jax.random.fold_in(rng, e), module=module,
+                                  steps=n // bs, batch_size=bs, learning_rate=float(learning_rate),
+                                  weight_decay=float(weight_decay))
     return carry[0]
+
+
+@functools.partial(jax.jit, static_argnames="module")
+def _predict(params, xb, *, module: nn.Module):
+    return jnp.argmax(module.apply({"params": params}, xb), -1)
 
 
 def error_rate(module: nn.Module, params, x: np.ndarray, y: np.ndarray, batch: int = 2000) -> float:
     """Fraction of misclassified examples."""
-    predict = jax.jit(lambda xb: jnp.argmax(module.apply({"params": params}, xb), -1))
     wrong = 0
     for i in range(0, len(x), batch):
-        wrong += int((np.asarray(predict(jnp.asarray(x[i:i + batch]))) != y[i:i + batch]).sum())
+        predicted = _predict(params, jnp.asarray(x[i:i + batch]), module=module)
+        wrong += int((np.asarray(predicted) != y[i:i + batch]).sum())
     return wrong / len(x)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _encode(params, xb, *, model: nn.Module):
+    z = model.apply({"params": params}, xb, method=model.encode)
+    return z[0] if isinstance(z, tuple) else z
 
 
 def encode(model: nn.Module, params, x: np.ndarray, batch: int = 2000) -> np.ndarray:
     """Codes of ``x`` (the VAE's posterior means), in batches."""
-    fn = jax.jit(lambda xb: model.apply({"params": params}, xb, method=model.encode))
-    out = []
-    for i in range(0, len(x), batch):
-        z = fn(jnp.asarray(x[i:i + batch]))
-        out.append(np.asarray(z[0] if isinstance(z, tuple) else z))
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(_encode(params, jnp.asarray(x[i:i + batch]), model=model))
+                           for i in range(0, len(x), batch)])
 
 
 def train_model(config: ml_collections.ConfigDict, workdir: str, splits=None):

@@ -287,6 +287,37 @@ def test_checkpoint_round_trip_is_bitwise(tmp_path):
     assert_trees_equal(restored["state"], state)
 
 
+def test_checkpoint_of_an_earlier_layout_resumes(small_splits, tmp_path):
+    """Checkpoints of earlier versions hold ``bad_metrics`` with other metric names (e.g.
+    ``update_norm``): the run resumes from them; none is set aside as corrupt."""
+    train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path), splits=small_splits)
+    ckdir = tmp_path / "checkpoints"
+    ckpts = checkpoints.Checkpoints(str(ckdir), async_save=False)
+    step = ckpts.steps()[-1]
+    tree, meta = ckpts.read(step)
+    assert tree["state"]["bad_metrics"] is None  # not saved any more
+    tree["state"]["bad_metrics"] = {"loss": np.float32(0), "update_norm": np.float32(0)}
+    shutil.rmtree(ckdir / str(step))
+    ckpts.close()
+    ckpts = checkpoints.Checkpoints(str(ckdir), async_save=False)
+    ckpts.save(step, tree, meta)
+    ckpts.close()
+    summary = train.train_and_evaluate(small_config(num_epochs=2), str(tmp_path), splits=small_splits)
+    assert summary["steps"] == 2 * (1024 // 64)
+    assert not [p for p in os.listdir(ckdir) if "corrupt" in p]
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_and_moves_nothing(small_splits, tmp_path):
+    train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path), splits=small_splits)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match=r"other shapes: .*encoder_0/kernel \(64, 32\) on disk, \(64, 16\) now"
+                             r".*new workdir"):
+        train.train_and_evaluate(small_config(num_epochs=2, **{"model.hidden": (16,)}),
+                                 str(tmp_path), splits=small_splits)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
 def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits, tmp_path):
     ref = tmp_path / "ref"
     train.train_and_evaluate(small_config(), str(ref), splits=small_splits)
