@@ -21,6 +21,10 @@ Array = jax.Array
 PerExampleFn = Callable[[Any, Mapping[str, Array], Array, Array], tuple[Array, dict[str, Array]]]
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or one of its terms) became NaN or infinite."""
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes.

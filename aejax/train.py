@@ -26,16 +26,12 @@ import optax
 from aejax import checkpoints, corruptions, data, distributed, models, objectives, parallel, pca
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
-from aejax.step import (COMPUTE_DTYPES, PerExampleFn, TrainState, apply_gradients, global_norm,  # noqa: F401
-                        make_evaluate, make_per_example_fn, make_train_step, metrics_template,
-                        pad_batches)
+from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,  # noqa: F401
+                        apply_gradients, global_norm, make_evaluate, make_per_example_fn,
+                        make_train_step, metrics_template, pad_batches)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss (or one of its terms) became NaN or infinite."""
 
 
 class ConfigError(ValueError):

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from aejax import models, objectives, pca, train
-from experiments.repro_denoising import fit
+from aejax.loop import fit
 
 SEED = 0
 

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from aejax import models, objectives, train
-from experiments.repro_denoising import evaluate, fit
+from aejax.loop import evaluate, fit
 
 SEED = 0
 KERAS_L1 = 784 * 1e-4

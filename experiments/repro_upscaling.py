@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from aejax import models, objectives, train
-from experiments.repro_denoising import evaluate, fit
+from aejax.loop import evaluate, fit
 
 SEED = 0
 SIDE = 28

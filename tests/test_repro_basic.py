@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from aejax import corruptions, models, objectives, pca, train
+from aejax import corruptions, loop, models, objectives, pca, train
 from experiments import repro_denoising, repro_linear_pca, repro_sparse, repro_upscaling
 
 from conftest import low_rank_images
@@ -96,7 +96,7 @@ def test_evaluate_masks_padding_across_batches():
     x = low_rank_images(250)
     model, params = _tiny_denoiser()
     per_example = train.make_per_example_fn(model, objectives.build("bce", {}))
-    got = repro_denoising.evaluate(per_example, params, x, batch_size=100)  # 3 batches, 50 padded
+    got = loop.evaluate(per_example, params, x, batch_size=100)  # 3 batches, 50 padded
     recon = jax.jit(lambda v: jax.nn.sigmoid(model.apply({"params": params}, v)[0]))(x)
     np.testing.assert_allclose(got["squared_error_per_image"], np.square(recon - x).sum(1).mean(),
                                rtol=1e-5)
@@ -108,7 +108,7 @@ def test_fit_lowers_the_loss_repeats_exactly_and_stops_on_nan():
     per_example = train.make_per_example_fn(model, objectives.build("bce", {}),
                                             corrupt=corruptions.gaussian(0.3))
     tx = optax.adam(3e-3)
-    runs = [repro_denoising.fit(per_example, params, tx, x, epochs=3, batch_size=32)
+    runs = [loop.fit(per_example, params, tx, x, epochs=3, batch_size=32)
             for _ in range(2)]
     (p1, h1), (p2, h2) = runs
     assert h1[-1] < h1[0]
@@ -117,7 +117,7 @@ def test_fit_lowers_the_loss_repeats_exactly_and_stops_on_nan():
     jax.tree.map(lambda a: a.block_until_ready(), params)  # the caller's params survive donation
     nan_params = jax.tree.map(lambda p: p * jnp.nan, params)
     with pytest.raises(train.NonFiniteLossError, match="Non-finite loss at step 0"):
-        repro_denoising.fit(per_example, nan_params, tx, x, epochs=1, batch_size=32)
+        loop.fit(per_example, nan_params, tx, x, epochs=1, batch_size=32)
 
 
 # --------------------------------------------------------------------------- sparse
