@@ -27,8 +27,8 @@ from aejax import checkpoints, corruptions, data, distributed, models, objective
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
 from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,  # noqa: F401
-                        apply_gradients, global_norm, make_evaluate, make_per_example_fn,
-                        make_train_step, metrics_template, pad_batches)
+                        apply_gradients, make_evaluate, make_per_example_fn, make_train_step,
+                        metrics_template, pad_batches)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -403,7 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "finished": False, "stopped_early": False, "history": [], "train_seconds": 0.0}
     # Checkpoints leave out state.bad_metrics: only finite states are saved, so it is always
     # zeros there, and its keys (the metric names) may change between versions of aejax.
-    saved_state = place.single(state).replace(bad_metrics=None)
+    checkpointed = lambda s: {"state": place.single(s).replace(bad_metrics=None),
+                              "best_params": best_params}
 
     def restore_target(on_disk):  # checkpoints of earlier versions hold a bad_metrics dict
         try:
@@ -412,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             old = None
         bad = None if old is None else jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype), old)
-        return {"state": saved_state.replace(bad_metrics=bad), "best_params": best_params}
+        target = checkpointed(state)
+        return dict(target, state=target["state"].replace(bad_metrics=bad))
 
     restored = ckpts.restore_latest(restore_target)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -453,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              x_train.nbytes / 2**20, PREFETCH)
         run_step = place.stream_step(step_fn)
     evaluate = jax.jit(make_evaluate(exp.per_example))
-    param_norm = jax.jit(global_norm)  # logged at log steps: every step it would cost ~3%
+    param_norm = jax.jit(optax.tree.norm)  # at log steps only: not worth its cost every step
     val_xs, val_masks = place.eval_batches(x_val, eval_bs)
 
     def check_finite():
@@ -464,8 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def save(step):
         nonlocal last_good
         check_finite()
-        ckpts.save(step, {"state": place.single(state).replace(bad_metrics=None),
-                          "best_params": best_params}, meta)
+        ckpts.save(step, checkpointed(state), meta)
         last_good = step
 
     step = int(place.fetch(state.step))

@@ -84,6 +84,21 @@ def matmul_runner(n: int = 2048):
     return (lambda: f(a, b)), 2 * n**3
 
 
+def setup(model, x_all, terms=None, *, reconstruction="bce", lr=1e-3, binarize=False):
+    """``(per_example, tx, params, fresh_state, zero_metrics)`` as the loop builds them."""
+    opt = train.default_config().optimizer
+    opt.learning_rate = lr
+    per_example = train.make_per_example_fn(model, objectives.build(reconstruction, terms or {}),
+                                            reconstruction=reconstruction, binarize=binarize)
+    tx = train.build_optimizer(opt, 10_000, 100)
+    x = np.asarray(x_all[:BATCH])
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    template = train.metrics_template(per_example, params, x)
+    fresh_state = lambda: jax.tree.map(np.asarray, train.TrainState.create(params, tx, template))
+    zero_metrics = lambda: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    return per_example, tx, params, fresh_state, zero_metrics
+
+
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
                 num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False):
     """The train loop's own fused step (gather + step + metric sums), ready to time.
@@ -92,14 +107,8 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
     steps in one call, as the loop does between two log steps. ``mode`` and ``num_devices``
     choose the loop's placement (:class:`aejax.parallel.Placement`).
     """
-    opt = train.default_config().optimizer
-    opt.learning_rate = lr
-    objective = objectives.build(reconstruction, terms)
-    per_example = train.make_per_example_fn(model, objective, reconstruction=reconstruction,
-                                            binarize=binarize)
-    tx = train.build_optimizer(opt, 10_000, 100)
-    params = models.init(model, jax.random.PRNGKey(0), x_all[:BATCH])
-    template = train.metrics_template(per_example, params, x_all[:BATCH])
+    per_example, tx, params, fresh_state, zero_metrics = setup(
+        model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize)
     place = parallel.Placement.create(mode, num_devices)
     step_fn = (parallel.make_device_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
                if mode == "pmap" else train.make_train_step(per_example, tx))
@@ -108,8 +117,7 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
     x = place.data(np.asarray(x_all))
     perm = place.permutation(place.constant(jax.random.PRNGKey(1)), len(x_all), 0)
     rng = place.constant(jax.random.PRNGKey(2))
-    holder = {"state": place.state(train.TrainState.create(params, tx, template)),
-              "acc": place.state(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))}
+    holder = {"state": place.state(fresh_state()), "acc": place.state(zero_metrics())}
 
     def one():
         holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x, perm,
@@ -127,12 +135,8 @@ def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
     pipeline (the slice of the epoch's order and the gather of the batch): against the loop
     it gives what the input pipeline costs.
     """
-    objective = objectives.build("bce", {})
-    per_example = train.make_per_example_fn(model, objective)
-    tx = train.build_optimizer(train.default_config().optimizer, 10_000, 100)
+    per_example, tx, _, fresh_state, zero_metrics = setup(model, x_all)
     batch = {"x": jax.device_put(np.asarray(x_all[:BATCH]))}
-    params = models.init(model, jax.random.PRNGKey(0), batch["x"])
-    template = train.metrics_template(per_example, params, batch["x"])
     step_fn = train.make_train_step(per_example, tx)
 
     def body(_, carry, batch, rng):
@@ -141,8 +145,7 @@ def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
 
     run = jax.jit(lambda state, acc, batch, n, rng: jax.lax.fori_loop(
         0, n, functools.partial(body, batch=batch, rng=rng), (state, acc)), donate_argnums=(0, 1))
-    holder = {"state": jax.device_put(train.TrainState.create(params, tx, template)),
-              "acc": jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))}
+    holder = {"state": jax.device_put(fresh_state()), "acc": jax.device_put(zero_metrics())}
     rng = jax.random.PRNGKey(2)
 
     def one():
@@ -163,13 +166,8 @@ def bare_runner(model, x_all, *, literal_pmap: bool = False):
     ``parallel.make_pmap_step`` instead (``jax.pmap``, the state stacked on a leading axis of
     one device) on the same batch, for what ``jax.pmap`` itself costs.
     """
-    objective = objectives.build("bce", {})
-    per_example = train.make_per_example_fn(model, objective)
-    tx = train.build_optimizer(train.default_config().optimizer, 10_000, 100)
-    x = np.asarray(x_all[:BATCH])
-    params = models.init(model, jax.random.PRNGKey(0), x)
-    state = train.TrainState.create(params, tx, train.metrics_template(per_example, params, x))
-    state = jax.tree.map(np.asarray, state)
+    per_example, tx, _, fresh_state, _ = setup(model, x_all)
+    x, state = np.asarray(x_all[:BATCH]), fresh_state()
     if literal_pmap:
         step = parallel.make_pmap_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
         batch = jax.device_put(parallel.shard_batch({"x": x}, 1))
