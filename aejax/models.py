@@ -1,14 +1,31 @@
-"""Autoencoder models as flax.linen modules: pure functions of their parameters.
+"""Autoencoder models as flax.linen modules, and the one protocol every aejax model follows.
 
-Every model has ``encode`` (inputs to codes ``(B, H)``), ``decode`` (codes to logits shaped like
-the inputs) and ``__call__``; hidden activations are sown into the ``intermediates`` collection
-under their layer names so penalties can reach any layer without rewriting the model.
+The protocol (a user's own ``nn.Module`` follows it in a few lines):
+
+* ``model(x) -> (logits, aux)``: decoder outputs shaped like ``x`` and a dict with
+  ``aux["code"]`` ``(B, H)``. A stochastic encoder also returns the posterior, ``aux["mean"]``
+  and ``aux["logvar"]`` (and ``aux["log_scale"]`` for a Gaussian likelihood), and draws its
+  noise from ``self.make_rng(SAMPLE_RNG)``.
+* ``model.encode(x) -> code`` ``(B, H)``, deterministic (a stochastic encoder's posterior mean);
+  ``model.decode(code) -> logits`` where the decoder can run on codes alone.
+* Hidden activations sown into the ``intermediates`` collection under layer names, so penalties
+  reach any layer (``self.sow("intermediates", "hidden_0", h)``).
+* Optional: ``dense_layers() -> tuple[DenseLayer, ...]``, the encoder written as a chain of
+  dense layers on the flattened input; the exact contractive shortcuts use it. A stochastic
+  model offers ``posterior(x) -> (mean, logvar)`` and ``decoder_log_scale()`` for
+  :mod:`aejax.vae`.
+
+Everything outside this module reaches models through the functions at its end (:func:`init`,
+:func:`forward`, :func:`encoder`, :func:`dense_encoder`, :func:`describe`,
+:func:`reconstruct_logits`); none of them asks which class a model is.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,6 +34,24 @@ import jax.numpy as jnp
 from aejax import pooling
 
 Array = jax.Array
+
+# The rng stream a stochastic model draws its sampling noise from (``self.make_rng(SAMPLE_RNG)``).
+SAMPLE_RNG = "sample"
+
+
+class DenseLayer(NamedTuple):
+    """One layer of an encoder offered through ``dense_layers()``: ``activation(h @ kernel + bias)``.
+
+    Attributes:
+      kernel: ``(inputs, outputs)``; the first layer's inputs are the flattened image.
+      bias: ``(outputs,)``.
+      activation: a name in :data:`ACTIVATIONS` (the shortcuts recognise ``"sigmoid"`` and
+        ``"linear"``).
+    """
+
+    kernel: Array
+    bias: Array
+    activation: str
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": nn.relu,
@@ -87,27 +122,25 @@ class MLPAutoencoder(nn.Module):
         else:
             self.decoder_layers = [nn.Dense(d, name=f"decoder_{i}") for i, d in enumerate(out_dims)]
 
-    def _act(self, i: int) -> Callable[[Array], Array]:
-        last = i == len(self.hidden)
-        return activation(self.code_activation if last else self.activation)
-
-    def encode_first(self, x: Array) -> Array:
-        """Pre-activations of the first layer, ``x @ W0 + b0``: ``(B, K)``."""
-        check_input(x, self.input_shape, "MLPAutoencoder")
-        return self.encoder_layers[0](x.reshape(x.shape[0], -1))
-
-    def encode_head(self, pre: Array) -> Array:
-        """The rest of the encoder after the first layer's pre-activations: ``(B, K) -> (B, H)``."""
-        h = self._act(0)(pre)
-        for i, layer in enumerate(self.encoder_layers[1:], start=1):
-            self.sow("intermediates", f"hidden_{i - 1}", h)
-            h = self._act(i)(layer(h))
-        self.sow("intermediates", "code", h)
-        return h
+    def _act(self, i: int) -> str:
+        return self.code_activation if i == len(self.hidden) else self.activation
 
     def encode(self, x: Array) -> Array:
         """Codes ``(B, code_size)``."""
-        return self.encode_head(self.encode_first(x))
+        check_input(x, self.input_shape, "MLPAutoencoder")
+        h = x.reshape(x.shape[0], -1)
+        for i, layer in enumerate(self.encoder_layers):
+            if i:
+                self.sow("intermediates", f"hidden_{i - 1}", h)
+            h = activation(self._act(i))(layer(h))
+        self.sow("intermediates", "code", h)
+        return h
+
+    def dense_layers(self) -> tuple[DenseLayer, ...]:
+        """The encoder as a chain of dense layers (the exact contractive shortcuts use it)."""
+        return tuple(DenseLayer(layer.variables["params"]["kernel"],
+                                layer.variables["params"]["bias"], self._act(i))
+                     for i, layer in enumerate(self.encoder_layers))
 
     def decode(self, z: Array) -> Array:
         """Logits shaped ``(B, *input_shape)``."""
@@ -128,14 +161,14 @@ class MLPAutoencoder(nn.Module):
                 self.sow("intermediates", f"decoder_hidden_{i}", h)
         return h.reshape((z.shape[0], *self.input_shape))
 
-    def __call__(self, x: Array) -> tuple[Array, Array]:
-        """Returns ``(logits, code)``."""
+    def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
+        """Returns ``(logits, {"code": code})``."""
         code = self.encode(x)
-        return self.decode(code), code
+        return self.decode(code), {"code": code}
 
 
 class ConvAutoencoder(nn.Module):
-    """The seeds' convolutional autoencoder on 28x28x1 images.
+    """The lecture notes' convolutional autoencoder on 28x28x1 images.
 
     Encoder Conv16-Pool-Conv8-Pool-Conv8-Pool (code 4x4x8, flattened to 128); decoder
     Conv8-Up-Conv8-Up-Conv16(valid)-Up-Conv1, output logits 28x28x1. ``upsampling='transpose'``
@@ -230,18 +263,18 @@ class ConvAutoencoder(nn.Module):
                 h = act(layer(h))
         return self.out(h)
 
-    def __call__(self, x: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
         code, switches = self.encode_with_switches(x)
-        return self.decode(code, switches), code
+        return self.decode(code, switches), {"code": code}
 
 
 class VAE(nn.Module):
     """Variational autoencoder with a diagonal Gaussian encoder and an MLP decoder.
 
-    ``encode`` returns ``(mean, logvar)``; ``decode`` returns Bernoulli logits (or Gaussian
-    means for ``likelihood='gaussian'``, with a learned global log standard deviation
-    ``log_scale``). Sampling is the caller's, from an explicit key, so the module stays a pure
-    function of its parameters.
+    ``posterior`` returns ``(mean, logvar)`` of ``q(z|x)`` and ``encode`` the mean; ``decode``
+    returns Bernoulli logits (or Gaussian means for ``likelihood='gaussian'``, with a learned
+    global log standard deviation ``log_scale``). The call draws ``z`` by reparameterization
+    from the ``SAMPLE_RNG`` stream (``model.apply(v, x, rngs={"sample": key})``).
 
     Attributes:
       input_shape: per-example input shape.
@@ -270,8 +303,8 @@ class VAE(nn.Module):
         if self.likelihood == "gaussian":
             self.log_scale = self.param("log_scale", nn.initializers.zeros, ())
 
-    def encode(self, x: Array) -> tuple[Array, Array]:
-        """``(mean, logvar)``, each ``(B, latent_size)``."""
+    def posterior(self, x: Array) -> tuple[Array, Array]:
+        """``(mean, logvar)`` of ``q(z|x)``, each ``(B, latent_size)``."""
         check_input(x, self.input_shape, "VAE")
         act = activation(self.activation)
         h = x.reshape(x.shape[0], -1)
@@ -279,6 +312,18 @@ class VAE(nn.Module):
             h = act(layer(h))
             self.sow("intermediates", f"hidden_{i}", h)
         return self.mean_layer(h), self.logvar_layer(h)
+
+    def encode(self, x: Array) -> Array:
+        """The posterior mean ``(B, latent_size)``: the deterministic code."""
+        return self.posterior(x)[0]
+
+    def dense_layers(self) -> tuple[DenseLayer, ...]:
+        """The encoder of the posterior mean as a chain of dense layers."""
+        p = lambda layer: layer.variables["params"]
+        hidden = tuple(DenseLayer(p(layer)["kernel"], p(layer)["bias"], self.activation)
+                       for layer in self.enc)
+        return hidden + (DenseLayer(p(self.mean_layer)["kernel"], p(self.mean_layer)["bias"],
+                                    "linear"),)
 
     def decode(self, z: Array) -> Array:
         """Logits (or means) shaped ``(B, *input_shape)``."""
@@ -295,11 +340,14 @@ class VAE(nn.Module):
         """The Gaussian likelihood's log standard deviation (0 for Bernoulli models)."""
         return self.log_scale if self.likelihood == "gaussian" else jnp.zeros(())
 
-    def __call__(self, x: Array, rng: Array) -> tuple[Array, Array, Array, Array]:
-        """Returns ``(logits, z, mean, logvar)`` with ``z`` drawn by reparameterization from ``rng``."""
-        mean, logvar = self.encode(x)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-        return self.decode(z), z, mean, logvar
+    def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
+        """``(logits, aux)``: ``z`` drawn by reparameterization is ``aux["code"]``; ``aux`` also
+        holds ``mean``, ``logvar`` and ``log_scale``."""
+        mean, logvar = self.posterior(x)
+        noise = jax.random.normal(self.make_rng(SAMPLE_RNG), mean.shape, mean.dtype)
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        return self.decode(z), {"code": z, "mean": mean, "logvar": logvar,
+                                "log_scale": self.decoder_log_scale()}
 
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -309,11 +357,39 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
+def register(name: str, cls: type[nn.Module]) -> None:
+    """Adds ``cls`` (a module following the protocol above) under ``name`` for :func:`create`,
+    and so for configs (``model.name``), the command line, figures, probes and the PCA comparison."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register: {cls!r} is not a flax.linen Module class.")
+    if name in MODELS and MODELS[name] is not cls:
+        raise ValueError(f"A model named {name!r} is registered already ({MODELS[name].__name__}).")
+    MODELS[name] = cls
+
+
+def _lookup(name: str) -> type[nn.Module]:
+    if name in MODELS:
+        return MODELS[name]
+    if ":" in name:  # "package.module:Class", importable from the working directory
+        module_name, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"Cannot import model {name!r} ({e}); give 'module:Class' with the "
+                             "module importable from the working directory.") from None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"Model {name!r} is not a flax.linen Module class.")
+        return cls
+    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}, register one with "
+                     "aejax.models.register(name, cls), or give 'module:Class'.")
+
+
 def create(name: str, **kwargs: Any) -> nn.Module:
-    """The model called ``name`` built with ``kwargs``; clear errors for unknown names or fields."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
-    cls = MODELS[name]
+    """The model called ``name`` (registered, or ``"module:Class"``) built with ``kwargs``.
+
+    Clear errors for unknown names or options; lists become tuples (configs hold lists).
+    """
+    cls = _lookup(name)
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -322,7 +398,96 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     return cls(**kwargs)
 
 
+def from_config(model_config: Any) -> nn.Module:
+    """The model a config's ``model`` section describes: ``name`` plus constructor options."""
+    options = dict(model_config)
+    return create(options.pop("name"), **options)
+
+
+# --------------------------------------------------------------------------- the protocol's users
+
+
 def init(model: nn.Module, rng: Array, example: Array) -> dict:
     """Initial ``params`` of ``model`` for inputs shaped like ``example`` (one batch)."""
-    args = (example, jax.random.PRNGKey(0)) if isinstance(model, VAE) else (example,)
-    return model.init(rng, *args)["params"]
+    return model.init({"params": rng, SAMPLE_RNG: jax.random.PRNGKey(0)}, example)["params"]
+
+
+def forward(model: nn.Module, params: Any, x: Array, rng: Array
+            ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+    """``(logits, aux, activations)``: one call of ``model`` with its sown activations by name.
+
+    ``rng`` feeds the :data:`SAMPLE_RNG` stream. ``activations`` always has ``"code"``.
+    """
+    (logits, aux), state = model.apply({"params": params}, x, rngs={SAMPLE_RNG: rng},
+                                       mutable=["intermediates"])
+    if not isinstance(aux, dict) or "code" not in aux:
+        raise TypeError(f"{type(model).__name__} does not follow the aejax model protocol: its call "
+                        "must return (logits, aux) with aux['code'] (see aejax.models).")
+    activations = {k: v[0] for k, v in state.get("intermediates", {}).items()}
+    activations.setdefault("code", aux["code"])
+    return logits, aux, activations
+
+
+def encoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
+    """The deterministic encoder ``x -> code`` at ``params``."""
+    return lambda x: model.apply({"params": params}, x, method="encode")
+
+
+def decoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
+    """The decoder ``code -> logits`` at ``params``."""
+    return lambda z: model.apply({"params": params}, z, method="decode")
+
+
+def dense_encoder(model: nn.Module, params: Any) -> Optional[tuple[DenseLayer, ...]]:
+    """The encoder's dense layers where the model offers them (``dense_layers()``), else None."""
+    if not callable(getattr(model, "dense_layers", None)):
+        return None
+    return tuple(model.apply({"params": params}, method="dense_layers"))
+
+
+class Description(NamedTuple):
+    """What the run needs to know of a model, found without running it.
+
+    Attributes:
+      code_size: width ``H`` of ``aux["code"]``.
+      stochastic: whether the model returns a posterior (``aux["mean"]``, ``aux["logvar"]``).
+      aux: the names in ``aux``.
+    """
+
+    code_size: int
+    stochastic: bool
+    aux: tuple[str, ...]
+
+
+def describe(model: nn.Module, params: Any, example: Array) -> Description:
+    """:class:`Description` of ``model`` on inputs shaped like ``example`` (``jax.eval_shape``)."""
+    _, aux, _ = jax.eval_shape(lambda p, x: forward(model, p, x, jax.random.PRNGKey(0)),
+                               params, example)
+    code = aux["code"]
+    return Description(code_size=math.prod(code.shape[1:]),
+                       stochastic="mean" in aux and "logvar" in aux, aux=tuple(sorted(aux)))
+
+
+def reconstruct_logits(model: nn.Module, params: Any, x: Array) -> Array:
+    """Deterministic reconstructions' logits: a stochastic model decodes its posterior mean."""
+    logits, aux, _ = forward(model, params, x, jax.random.PRNGKey(0))
+    if "mean" in aux:
+        logits = decoder(model, params)(aux["mean"])
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _encode_jit(params, x, *, model: nn.Module):
+    return model.apply({"params": params}, x, method="encode")
+
+
+def encode_batched(model: nn.Module, params: Any, x, *, batch_size: int = 2000) -> Array:
+    """Codes ``(N, H)`` of a whole array ``x``, ``batch_size`` rows at a time.
+
+    One compiled encoder per model, batch shape and dtype (the model is a static argument, so
+    repeated calls compile nothing new); the last, shorter batch compiles once more.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"encode_batched: batch_size must be positive, got {batch_size}.")
+    return jnp.concatenate([_encode_jit(params, jnp.asarray(x[i:i + batch_size]), model=model)
+                            for i in range(0, len(x), batch_size)])

@@ -8,6 +8,7 @@ without touching the train step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -20,7 +21,6 @@ from aejax import losses, models
 Array = jax.Array
 Term = Callable[["Forward"], Array]
 Weight = Union[float, Callable[[Array], Array]]
-Objective = Callable[["Forward"], tuple[Array, dict[str, Array]]]
 
 
 class Forward(NamedTuple):
@@ -30,14 +30,14 @@ class Forward(NamedTuple):
       x: clean targets ``(B, ...)``.
       x_in: model inputs ``(B, ...)`` (``x`` corrupted, for denoising).
       logits: decoder outputs shaped like ``x``.
-      code: codes ``(B, H)`` (the sampled ``z`` for a VAE).
+      code: codes ``(B, H)``, ``aux["code"]`` (the sampled ``z`` for a VAE).
       activations: sown activations by layer name (``"code"``, ``"hidden_0"``, ...).
       mask: ``(B,)`` 1 for real examples, 0 for padding.
       step: the global step (for scheduled weights).
       rng: key for terms that draw randomness (e.g. the contractive estimator).
       model: the flax module.
       params: its parameters.
-      extras: model-specific outputs (VAE: ``mean``, ``logvar``, ``log_scale``).
+      extras: the model's ``aux`` outputs (a VAE's ``mean``, ``logvar``, ``log_scale``).
     """
 
     x: Array
@@ -53,9 +53,8 @@ class Forward(NamedTuple):
     extras: Mapping[str, Array]
 
     def encode(self, x: Array) -> Array:
-        """The encoder (code or VAE mean) as a function of inputs, at the current parameters."""
-        out = self.model.apply({"params": self.params}, x, method=self.model.encode)
-        return out[0] if isinstance(self.model, models.VAE) else out
+        """The deterministic encoder (a VAE's posterior mean) at the current parameters."""
+        return models.encoder(self.model, self.params)(x)
 
 
 def forward(model: nn.Module, params: Any, x: Array, x_in: Array, *, rng: Array,
@@ -63,20 +62,10 @@ def forward(model: nn.Module, params: Any, x: Array, x_in: Array, *, rng: Array,
     """Runs ``model`` on ``x_in`` and collects what the terms need."""
     r_model, r_terms = jax.random.split(rng)
     mask = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask
-    variables = {"params": params}
-    if isinstance(model, models.VAE):
-        (logits, z, mean, logvar), state = model.apply(variables, x_in, r_model,
-                                                       mutable=["intermediates"])
-        extras = {"mean": mean, "logvar": logvar,
-                  "log_scale": model.apply(variables, method=model.decoder_log_scale)}
-        code = z
-    else:
-        (logits, code), state = model.apply(variables, x_in, mutable=["intermediates"])
-        extras = {}
-    activations = {k: v[0] for k, v in state.get("intermediates", {}).items()}
-    activations.setdefault("code", code)
-    return Forward(x=x, x_in=x_in, logits=logits, code=code, activations=activations, mask=mask,
-                   step=step, rng=r_terms, model=model, params=params, extras=extras)
+    logits, aux, activations = models.forward(model, params, x_in, r_model)
+    return Forward(x=x, x_in=x_in, logits=logits, code=aux["code"], activations=activations,
+                   mask=mask, step=step, rng=r_terms, model=model, params=params,
+                   extras={k: v for k, v in aux.items() if k != "code"})
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
@@ -94,25 +83,40 @@ def reconstruct(logits: Array, kind: str) -> Array:
     return logits if kind in ("mse_linear", "gaussian") else jax.nn.sigmoid(logits)
 
 
-def reconstruction(kind: str = "bce") -> Term:
-    """Reconstruction term scored against the clean target.
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+    """The reconstruction term: per-example loss against the clean target, and the images.
 
     ``"bce"``: Bernoulli negative log-likelihood of the logits (nats per example);
     ``"mse"``: mean squared error of ``sigmoid(logits)``; ``"mse_linear"``: of the raw outputs
     (linear decoders, the PCA comparison); ``"gaussian"``: Gaussian negative log-likelihood with
-    the model's learned ``log_scale`` (VAE).
+    the model's learned ``log_scale`` (``aux["log_scale"]``, 0 when the model has none).
+
+    The objective's metrics read the reconstructed images through :meth:`images`, so the kind
+    is said once, here.
     """
-    if kind not in RECONSTRUCTIONS:
-        raise ValueError(f"Unknown reconstruction {kind!r}; choose one of {RECONSTRUCTIONS}.")
 
-    def term(f: Forward) -> Array:
-        if kind == "bce":
+    kind: str = "bce"
+
+    def __post_init__(self):
+        if self.kind not in RECONSTRUCTIONS:
+            raise ValueError(f"Unknown reconstruction {self.kind!r}; choose one of {RECONSTRUCTIONS}.")
+
+    def images(self, logits: Array) -> Array:
+        """Reconstructed images from decoder outputs."""
+        return reconstruct(logits, self.kind)
+
+    def __call__(self, f: Forward) -> Array:
+        if self.kind == "bce":
             return losses.bce_with_logits(f.logits, f.x)
-        if kind == "gaussian":
+        if self.kind == "gaussian":
             return losses.gaussian_nll(f.logits, f.x, log_scale=f.extras.get("log_scale", 0.0))
-        return losses.mse(reconstruct(f.logits, kind), f.x)
+        return losses.mse(reconstruct(f.logits, self.kind), f.x)
 
-    return term
+
+def reconstruction(kind: str = "bce") -> Reconstruction:
+    """Reconstruction term of ``kind`` (see :class:`Reconstruction`)."""
+    return Reconstruction(kind)
 
 
 def _layer(f: Forward, layer: str) -> Array:
@@ -160,40 +164,48 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
         raise ValueError(f"Unknown contractive mode {mode!r}; choose one of {CONTRACTIVE_TERM_MODES}.")
 
     def term(f: Forward) -> Array:
-        model = f.model
-        is_mlp = isinstance(model, models.MLPAutoencoder)
+        layers = models.dense_encoder(f.model, f.params)
         m = mode
         if m == "best":
-            one_sigmoid = is_mlp and not model.hidden and model.code_activation == "sigmoid"
-            one_hidden = is_mlp and len(model.hidden) == 1 and model.code_activation == "linear"
-            m = ("sigmoid" if one_sigmoid else "one_hidden" if one_hidden
-                 else "dense" if is_mlp else "auto")
-        if m in ("dense", "sigmoid", "one_hidden") and not is_mlp:
-            raise ValueError(f"contractive mode {m!r} needs an MLPAutoencoder, got "
-                             f"{type(model).__name__}; use mode='auto'.")
-        variables = {"params": f.params}
-        if m == "sigmoid":
-            if model.hidden or model.code_activation != "sigmoid":
-                raise ValueError("contractive mode 'sigmoid' is the closed form of a one-layer "
-                                 "sigmoid encoder (hidden=(), code_activation='sigmoid').")
-            return losses.contractive_sigmoid(f.code, f.params["encoder_0"]["kernel"])
-        if m == "one_hidden":
-            if len(model.hidden) != 1 or model.code_activation != "linear":
-                raise ValueError("contractive mode 'one_hidden' needs an MLP encoder with one hidden "
-                                 "layer and a linear code; use mode='dense'.")
-            pre = model.apply(variables, f.x_in, method=model.encode_first)
-            return losses.contractive_one_hidden(models.activation(model.activation), pre,
-                                                 f.params["encoder_0"]["kernel"],
-                                                 f.params["encoder_1"]["kernel"])
-        if m == "dense":
-            pre = model.apply(variables, f.x_in, method=model.encode_first)
-            head = lambda p: model.apply(variables, p, method=model.encode_head)
-            return losses.contractive_dense_input(head, f.params["encoder_0"]["kernel"], pre,
-                                                  chunk_size=chunk_size)
+            acts = [] if layers is None else [layer.activation for layer in layers]
+            m = ("auto" if layers is None else "sigmoid" if acts == ["sigmoid"]
+                 else "one_hidden" if len(acts) == 2 and acts[1] == "linear" else "dense")
+        if m in ("dense", "sigmoid", "one_hidden"):
+            if layers is None:
+                raise ValueError(f"contractive mode {m!r} needs the encoder's dense layers, which "
+                                 f"{type(f.model).__name__} does not offer (dense_layers()); use "
+                                 "mode='auto'.")
+            return _contractive_dense(m, layers, f, chunk_size)
         return losses.contractive(f.encode, f.x_in, mode=m, chunk_size=chunk_size,
                                   num_probes=num_probes, rng=f.rng)
 
     return term
+
+
+def _dense_chain(layers: tuple[models.DenseLayer, ...], h: Array) -> Array:
+    for layer in layers:
+        h = models.activation(layer.activation)(h @ layer.kernel + layer.bias)
+    return h
+
+
+def _contractive_dense(mode: str, layers: tuple[models.DenseLayer, ...], f: Forward,
+                       chunk_size: Optional[int]) -> Array:
+    """The exact shortcuts on an encoder given as dense layers."""
+    first = layers[0]
+    if mode == "sigmoid":
+        if len(layers) != 1 or first.activation != "sigmoid":
+            raise ValueError("contractive mode 'sigmoid' is the closed form of a one-layer "
+                             "sigmoid encoder (MLP: hidden=(), code_activation='sigmoid').")
+        return losses.contractive_sigmoid(f.code, first.kernel)
+    pre = f.x_in.reshape(f.x_in.shape[0], -1) @ first.kernel + first.bias
+    if mode == "one_hidden":
+        if len(layers) != 2 or layers[1].activation != "linear":
+            raise ValueError("contractive mode 'one_hidden' needs an encoder with one hidden "
+                             "layer and a linear code; use mode='dense'.")
+        return losses.contractive_one_hidden(models.activation(first.activation), pre,
+                                             first.kernel, layers[1].kernel)
+    head = lambda p: _dense_chain(layers[1:], models.activation(first.activation)(p))
+    return losses.contractive_dense_input(head, first.kernel, pre, chunk_size=chunk_size)
 
 
 def gaussian_kl() -> Term:
@@ -218,6 +230,32 @@ def linear_warmup(weight: float, steps: int) -> Callable[[Array], Array]:
     return lambda step: weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / steps)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+    """A weighted sum of named terms: ``objective(forward) -> (total (B,), parts)``.
+
+    ``parts[name]`` is the unweighted ``(B,)`` value of each term. Build it with :func:`combine`.
+
+    Attributes:
+      terms: ``{name: (weight, term)}``.
+    """
+
+    terms: Mapping[str, tuple[Weight, Term]]
+
+    def __call__(self, f: Forward) -> tuple[Array, dict[str, Array]]:
+        parts = {name: term(f) for name, (_, term) in self.terms.items()}
+        total = 0.0
+        for name, (w, _) in self.terms.items():
+            weight = w(f.step) if callable(w) else w
+            total = total + weight * parts[name]
+        return total, parts
+
+    @property
+    def reconstruction(self) -> Optional[Reconstruction]:
+        """The objective's reconstruction term (the first), or None."""
+        return next((t for _, t in self.terms.values() if isinstance(t, Reconstruction)), None)
+
+
 def combine(terms: Mapping[str, tuple[Weight, Term]]) -> Objective:
     """Weighted sum of named terms.
 
@@ -226,26 +264,23 @@ def combine(terms: Mapping[str, tuple[Weight, Term]]) -> Objective:
         step (a schedule).
 
     Returns:
-      ``objective(forward) -> (total (B,), parts)`` where ``parts[name]`` is the unweighted
-      ``(B,)`` value of each term.
+      The :class:`Objective`.
 
-    >>> obj = combine({"rec": (1.0, reconstruction("mse"))})
+    >>> import jax.numpy as jnp
+    >>> obj = combine({"rec": (1.0, reconstruction("mse")), "l1": (0.5, l1_activity("code"))})
+    >>> f = Forward(x=jnp.ones((1, 2)), x_in=jnp.ones((1, 2)), logits=jnp.zeros((1, 2)),
+    ...             code=jnp.array([[1.0, -3.0]]), activations={"code": jnp.array([[1.0, -3.0]])},
+    ...             mask=jnp.ones(1), step=0, rng=None, model=None, params=None, extras={})
+    >>> total, parts = obj(f)  # mse of sigmoid(0) = 0.5 against 1, and |1| + |-3|
+    >>> float(parts["rec"][0]), float(parts["l1"][0]), float(total[0])
+    (0.25, 4.0, 2.25)
     """
     if not terms:
         raise ValueError("combine: an objective needs at least one term.")
     for name, (w, _) in terms.items():
         if not callable(w) and (not math.isfinite(float(w)) or float(w) < 0):
             raise ValueError(f"Term {name!r} has weight {w}; weights must be finite and >= 0.")
-
-    def objective(f: Forward) -> tuple[Array, dict[str, Array]]:
-        parts = {name: term(f) for name, (_, term) in terms.items()}
-        total = 0.0
-        for name, (w, _) in terms.items():
-            weight = w(f.step) if callable(w) else w
-            total = total + weight * parts[name]
-        return total, parts
-
-    return objective
+    return Objective(dict(terms))
 
 
 TERMS: dict[str, Callable[..., Term]] = {
@@ -279,16 +314,26 @@ def build(reconstruction_kind: str, terms: Mapping[str, Mapping[str, Any]]) -> O
     return combine(spec)
 
 
-def check_compatible(model: nn.Module, terms: Mapping[str, Mapping[str, Any]]) -> None:
-    """Errors that can be found before tracing: a KL sparsity on non-sigmoid units, a KL without a VAE."""
-    if "kl_sparsity" in terms and isinstance(model, models.MLPAutoencoder):
+def check_compatible(model: nn.Module, params: Any, x: Array,
+                     terms: Mapping[str, Mapping[str, Any]]) -> None:
+    """Errors that can be found before training, from one forward pass on the batch ``x``.
+
+    A KL sparsity needs mean activations in (0, 1) (sigmoid units): the layer's values on ``x``
+    must lie in [0, 1]. A KL term needs a stochastic model (``aux["mean"]``, ``aux["logvar"]``).
+    """
+    _, aux, activations = models.forward(model, params, x, jax.random.PRNGKey(0))
+    if "kl" in terms and not ("mean" in aux and "logvar" in aux):
+        raise ValueError(f"The 'kl' term needs a stochastic encoder (aux['mean'], aux['logvar']); "
+                         f"{type(model).__name__} has none. Set model.name='vae' or remove the term.")
+    if "kl_sparsity" in terms:
         layer = dict(terms["kl_sparsity"]).get("layer", "code")
-        act = model.code_activation if layer == "code" else model.activation
-        if act != "sigmoid":
+        if layer not in activations:
+            raise ValueError(f"kl_sparsity: no activations named {layer!r} in "
+                             f"{type(model).__name__}; available: {sorted(activations)}.")
+        a = activations[layer]
+        lo, hi = float(jnp.min(a)), float(jnp.max(a))
+        if lo < 0.0 or hi > 1.0:
             raise ValueError(f"kl_sparsity needs sigmoid units (mean activations in (0, 1)); layer "
-                             f"{layer!r} of this model uses {act!r}. Set model.code_activation="
-                             "'sigmoid' (or model.activation for hidden layers), or use the 'l1' term.")
-    if "kl_sparsity" in terms and not isinstance(model, models.MLPAutoencoder):
-        raise ValueError("kl_sparsity is supported on MLPAutoencoder sigmoid layers only.")
-    if "kl" in terms and not isinstance(model, models.VAE):
-        raise ValueError("The 'kl' term is the VAE's; set model.name='vae' or remove the term.")
+                             f"{layer!r} of {type(model).__name__} has values in [{lo:.3g}, "
+                             f"{hi:.3g}]. Set model.code_activation='sigmoid' (or "
+                             "model.activation for hidden layers), or use the 'l1' term.")

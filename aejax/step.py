@@ -1,7 +1,8 @@
 """The pure train step and evaluation: ``TrainState``, the per-example objective, one update.
 
-Every step of aejax (single device, :mod:`aejax.parallel`'s pmap and sharded steps) takes its
-gradients its own way and then calls :func:`apply_gradients`, so the update is written once.
+``make_train_step`` is the one step: on the global batch, or, with ``axis_name``, the
+per-device body of a data-parallel step (``jax.pmap``, ``shard_map``). Randomness comes from
+the run's key folded with the step, so a resumed run draws the same noise.
 """
 
 from __future__ import annotations
@@ -33,23 +34,19 @@ class TrainState:
       step: number of steps taken.
       params: model parameters.
       opt_state: optimizer state.
-      bad_step: first step whose loss was not finite, -1 while all were finite.
-      bad_metrics: the metrics of that step (which term went bad).
+      bad_step: first step whose loss or metrics were not finite, -1 while all were finite (the
+        loop stops there and reads which term went bad from that step's metrics).
     """
 
     step: Array
     params: Any
     opt_state: Any
     bad_step: Array
-    bad_metrics: Any
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation,
-               metrics_template: Mapping[str, Any]) -> "TrainState":
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                   bad_step=jnp.full((), -1, jnp.int32),
-                   bad_metrics=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                            dict(metrics_template)))
+                   bad_step=jnp.full((), -1, jnp.int32))
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -62,12 +59,12 @@ def _cast_floats(tree, dtype):
 
 def make_per_example_fn(model, objective: objectives.Objective, *,
                         corrupt: Optional[corruptions.Corruption] = None, binarize: bool = False,
-                        reconstruction: str = "bce", compute_dtype: str = "float32") -> PerExampleFn:
+                        compute_dtype: str = "float32") -> PerExampleFn:
     """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
 
     ``batch`` has ``x`` (clean images) and optionally ``mask`` (B,). Binarization and corruption
-    draw from ``rng``; metrics hold every objective term, the reconstruction errors and, for
-    models with a KL term, the ELBO.
+    draw from ``rng``; metrics hold every objective term, the reconstruction errors (of the
+    objective's own reconstruction term's images) and, for objectives with a KL term, the ELBO.
 
     With ``compute_dtype="bfloat16"`` the model runs in bfloat16 (parameters and inputs cast
     inside, so gradients and the optimizer stay float32) and its outputs are cast back to
@@ -76,6 +73,11 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"Unknown compute_dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}.")
+    recon = getattr(objective, "reconstruction", None)
+    if recon is None:
+        raise ValueError("make_per_example_fn needs an objective (objectives.combine) with a "
+                         "reconstruction term, objectives.reconstruction(kind): its images give "
+                         "the reconstruction-error metrics.")
     low = compute_dtype != "float32"
 
     def fn(params, batch, rng, step):
@@ -94,7 +96,7 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         total, parts = objective(f)
         if low:
             total, parts = _cast_floats((total, parts), jnp.float32)
-        se = jnp.square(objectives.reconstruct(f.logits, reconstruction) - x)
+        se = jnp.square(recon.images(f.logits) - x)
         se = se.reshape(x.shape[0], -1).sum(axis=1)
         code = f.activations["code"].reshape(x.shape[0], -1)
         metrics = {"loss": total, **parts, "squared_error_per_image": se,
@@ -111,9 +113,8 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads,
                     metrics: Mapping[str, Array]) -> tuple[TrainState, dict]:
     """One optimizer update from ``grads``; the state after it and ``metrics`` with ``grad_norm``.
 
-    A non-finite metric records the step and the metrics in ``state.bad_step`` /
-    ``state.bad_metrics`` (first one only), so the loop can stop with the term that diverged
-    without a host sync every step.
+    A non-finite metric records the step in ``state.bad_step`` (the first one only), so the
+    loop can stop without a host sync every step.
 
     Only the gradient's norm is computed every step: on CPU each further global norm costs a
     small model's step a few percent (the norm of the update most, because it makes XLA write
@@ -125,41 +126,90 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads,
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
     first_bad = (state.bad_step < 0) & ~finite
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        bad_step=jnp.where(first_bad, state.step, state.bad_step),
-        bad_metrics=jax.tree.map(lambda old, new: jnp.where(first_bad, new, old),
-                                 state.bad_metrics, metrics))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              bad_step=jnp.where(first_bad, state.step, state.bad_step))
     return new_state, metrics
 
 
-def make_train_step(per_example: PerExampleFn, tx: optax.GradientTransformation):
+def make_train_step(per_example: PerExampleFn, tx: optax.GradientTransformation, *,
+                    axis_name: Optional[str] = None):
     """The pure step ``train_step(state, batch, rng) -> (state, metrics)``.
 
     ``rng`` is the run's key; the step folds in ``state.step`` so every step draws fresh noise
-    and a resumed run draws the same noise as an uninterrupted one.
+    and a resumed run draws the same noise as an uninterrupted one. Metrics are masked means
+    over the batch (``batch["mask"]``, 1 for real examples).
+
+    With ``axis_name`` it is the per-device body of a data-parallel step, to run under
+    ``jax.pmap`` or ``shard_map`` over that axis with this device's shard of the batch: each
+    device takes the gradient of its shard's masked *sum*, and gradients and metrics are
+    ``psum``-ed and divided by the global count of real examples (the global masked mean, also
+    when shards hold different numbers of them). Device ``d`` draws from
+    ``fold_in(fold_in(rng, step), d)``; ``shardwise(per_example, D)`` is the one-device step
+    that draws exactly this noise.
     """
 
-    def loss_fn(params, batch, rng, step):
+    def sums_fn(params, batch, rng, step):
         total, metrics = per_example(params, batch, rng, step)
         mask = batch.get("mask", jnp.ones_like(total))
-        means = {k: objectives.masked_mean(v, mask) for k, v in metrics.items()}
+        return {k: (v * mask).sum() for k, v in metrics.items()}, mask.sum()
+
+    def mean_loss(params, batch, rng, step):  # the global batch: differentiate the mean itself
+        sums, count = sums_fn(params, batch, rng, step)
+        means = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
         return means["loss"], means
+
+    def sum_loss(params, batch, rng, step):  # one shard: its sums, divided after the psum
+        sums, count = sums_fn(params, batch, rng, step)
+        return sums["loss"], (sums, count)
 
     def train_step(state: TrainState, batch: Mapping[str, Array], rng: Array):
         step_rng = jax.random.fold_in(rng, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, step_rng, state.step)
-        return apply_gradients(tx, state, grads, metrics)
+        if axis_name is None:
+            grads, metrics = jax.grad(mean_loss, has_aux=True)(state.params, batch, step_rng,
+                                                               state.step)
+            return apply_gradients(tx, state, grads, metrics)
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+        grads, (sums, count) = jax.grad(sum_loss, has_aux=True)(state.params, batch, step_rng,
+                                                               state.step)
+        grads, sums, count = jax.lax.psum((grads, sums, count), axis_name)
+        count = jnp.maximum(count, 1.0)
+        return apply_gradients(tx, state, jax.tree.map(lambda g: g / count, grads),
+                               {k: v / count for k, v in sums.items()})
 
     return train_step
 
 
-def metrics_template(per_example: PerExampleFn, params, x_example: Array) -> dict:
-    """Shapes of the step's metrics (scalars), found without running anything."""
-    total, metrics = jax.eval_shape(per_example, params, {"x": x_example},
-                                    jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
-    names = list(metrics) + ["grad_norm"]
-    return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in names}
+def make_pmap_step(per_example: PerExampleFn, tx: optax.GradientTransformation, *,
+                   axis_name: str = "batch"):
+    """:func:`make_train_step`'s per-device body under ``jax.pmap``, for scripts that use it.
+
+    The state and every batch entry carry a leading device axis (``(D, B / D, ...)``; place the
+    state with ``jax.device_put_replicated`` or ``flax.jax_utils.replicate``); ``rng`` is one key,
+    not replicated. The state is donated; every device's copy of the result is equal.
+    """
+    return jax.pmap(make_train_step(per_example, tx, axis_name=axis_name), axis_name=axis_name,
+                    in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def shardwise(per_example: PerExampleFn, num_shards: int) -> PerExampleFn:
+    """``per_example`` applied shard by shard, as the per-device step applies it, on one device.
+
+    The batch ``(B, ...)`` is cut into ``num_shards`` contiguous shards; shard ``d`` draws from
+    ``fold_in(rng, d)``. Under :func:`make_train_step` this is the single-device twin of the
+    data-parallel step (same noise, same per-shard batch statistics).
+    """
+
+    def fn(params, batch, rng, step):
+        size = next(iter(batch.values())).shape[0]
+        if size % num_shards:
+            raise ValueError(f"A batch of {size} examples does not split into {num_shards} shards.")
+        shards = jax.tree.map(lambda a: a.reshape((num_shards, -1) + a.shape[1:]), dict(batch))
+        keys = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(num_shards))
+        total, metrics = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, shards, keys, step)
+        flat = lambda a: a.reshape((-1,) + a.shape[2:])
+        return flat(total), jax.tree.map(flat, metrics)
+
+    return fn
 
 
 def make_evaluate(per_example: PerExampleFn):

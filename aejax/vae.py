@@ -1,6 +1,7 @@
 """Variational autoencoder bounds and evaluation: ELBO, IWAE bound, prior samples, test NLL.
 
-Pure functions of an :class:`aejax.models.VAE` and its params; every random draw comes from an
+Pure functions of a stochastic model (:class:`aejax.models.VAE`, or any model that offers
+``posterior(x) -> (mean, logvar)`` and ``decode(z)``) and its params; every random draw comes from an
 explicit key, and sample ``k`` of a bound always uses ``fold_in(rng, k)``.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aejax import losses, models
+from aejax.data import batching
 
 Array = jax.Array
 # (mean, logvar) of q(z|x), each (B, Z), from a batch x (B, ...).
@@ -30,15 +32,17 @@ __all__ = ["log_likelihood", "elbo", "log_weights", "iwae", "sample_prior", "eva
 
 
 def _check_model(model, fn: str) -> None:
-    if not isinstance(model, models.VAE):
-        raise ValueError(f"{fn}: model must be an aejax.models.VAE, got {type(model).__name__}.")
+    if not (callable(getattr(model, "posterior", None)) and callable(getattr(model, "decode", None))):
+        raise ValueError(f"{fn}: model must be stochastic, with posterior(x) -> (mean, logvar) and "
+                         f"decode(z) (an aejax.models.VAE); {type(model).__name__} is not.")
 
 
 def _check_x(model, x, fn: str) -> None:
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{fn}: x has dtype {getattr(x, 'dtype', type(x).__name__)}; a floating "
                          "dtype is needed (scale images with x.astype('float32') / 255).")
-    models.check_input(x, model.input_shape, fn)
+    if getattr(model, "input_shape", None) is not None:
+        models.check_input(x, model.input_shape, fn)
 
 
 def _check_count(value, name: str, fn: str) -> int:
@@ -54,15 +58,19 @@ def _check_count(value, name: str, fn: str) -> int:
     return value
 
 
+def _likelihood(model) -> str:
+    return getattr(model, "likelihood", "bernoulli")
+
+
 def _bind(model, params) -> tuple[EncodeFn, LogLikFn]:
     variables = {"params": params}
 
     def encode_fn(x: Array) -> tuple[Array, Array]:
-        return model.apply(variables, x, method="encode")
+        return model.apply(variables, x, method="posterior")
 
     def log_lik_fn(z: Array, x: Array) -> Array:
         out = model.apply(variables, z, method="decode")
-        if model.likelihood == "bernoulli":
+        if _likelihood(model) == "bernoulli":
             return losses.bernoulli_log_prob(out, x)
         log_scale = model.apply(variables, method="decoder_log_scale")
         return -losses.gaussian_nll(out, x, log_scale=log_scale)
@@ -233,7 +241,8 @@ def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
     return _iwae(*_bind(model, params), x, rng, num_samples, chunk_size)
 
 
-def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool = True) -> Array:
+def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool = True,
+                 latent_size: Optional[int] = None) -> Array:
     """Decoded samples of the generative model with ``z ~ N(0, I)``.
 
     Args:
@@ -244,18 +253,22 @@ def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool 
       mean: return the decoder's mean (Bernoulli probabilities ``sigmoid(logits)`` in [0, 1], or
         Gaussian means) instead of a draw from ``p(x|z)`` (binary pixels, or means plus
         ``exp(log_scale)`` times Gaussian noise).
+      latent_size: dimension of ``z``; by default the model's ``latent_size``.
 
     Returns:
       ``(num, *input_shape)`` images.
     """
     _check_model(model, "sample_prior")
+    latent_size = latent_size or getattr(model, "latent_size", None)
+    if not latent_size:
+        raise ValueError("sample_prior: give latent_size= for a model without a latent_size field.")
     num = _check_count(num, "num", "sample_prior")
     z_rng, x_rng = jax.random.split(rng)
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    z = jax.random.normal(z_rng, (num, model.latent_size), dtype)
+    z = jax.random.normal(z_rng, (num, latent_size), dtype)
     variables = {"params": params}
     out = model.apply(variables, z, method="decode")
-    if model.likelihood == "bernoulli":
+    if _likelihood(model) == "bernoulli":
         probs = jax.nn.sigmoid(out)
         return probs if mean else jax.random.bernoulli(x_rng, probs).astype(out.dtype)
     if mean:
@@ -304,15 +317,8 @@ def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int =
     n = x.shape[0]
     if n == 0:
         raise ValueError("evaluate_nll: x holds no examples.")
-    x = np.asarray(x)
-    batch_size = min(batch_size, n)
-    sums = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        batch = x[start:start + batch_size]
-        real = len(batch)
-        if real < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
-        mask = np.arange(batch_size) < real
-        sums.append(_batch_iwae_sum(params, batch, mask, rng, np.int32(i), model=model,
-                                    num_samples=num_samples, chunk_size=chunk_size))
+    xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, n))
+    sums = [_batch_iwae_sum(params, batch, mask > 0, rng, np.int32(i), model=model,
+                            num_samples=num_samples, chunk_size=chunk_size)
+            for i, (batch, mask) in enumerate(zip(xs, masks))]
     return -float(np.sum(np.asarray(jax.device_get(sums), np.float64))) / n

@@ -24,18 +24,16 @@ def load_config(name: str):
 
 
 def run_one(name: str, workdir: str, epochs: int | None) -> dict:
-    from aejax import stacking, train
+    from aejax.runtime import stacking
 
     config = load_config(name)
     config.progress = False
     if epochs:
         config.num_epochs = epochs
     t = time.time()
-    if config.stacking.pretrain_epochs > 0:
-        out = stacking.train_stacked(config, os.path.join(workdir, name))
-        summary = dict(out["finetune"], scratch_test=out.get("scratch", {}).get("test"))
-    else:
-        summary = train.train_and_evaluate(config, os.path.join(workdir, name))
+    summary = stacking.train(config, os.path.join(workdir, name))
+    if "finetune" in summary:  # greedy stacking: the fine-tuned model, beside it from scratch
+        summary = dict(summary["finetune"], scratch_test=summary.get("scratch", {}).get("test"))
     summary["wall_seconds"] = round(time.time() - t, 1)
     return summary
 

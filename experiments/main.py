@@ -33,22 +33,23 @@ def main(argv):
     ours.addHandler(handler)
     ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
-    from aejax import checkpoints, data, distributed, stacking, train
+    from aejax.data import offline
+    from aejax.runtime import checkpoints, config, distributed, stacking
+    from aejax.step import NonFiniteLossError
 
-    run = stacking.run if FLAGS.config.stacking.pretrain_epochs > 0 else train.train_and_evaluate
     try:
         # Before anything touches a device; the stacked runs then join the same processes.
-        train.check_config(FLAGS.config)
-        if train.start_distributed(FLAGS.config):
+        config.check_config(FLAGS.config)
+        if config.start_distributed(FLAGS.config):
             import jax
 
             if jax.process_index() != 0:  # process 0 speaks for the run
                 ours.setLevel(logging.WARNING)
-        summary = run(FLAGS.config, FLAGS.workdir)
+        summary = stacking.train(FLAGS.config, FLAGS.workdir)
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)
-    except (train.ConfigError, data.DataError, train.NonFiniteLossError,
+    except (config.ConfigError, offline.DataError, NonFiniteLossError,
             checkpoints.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

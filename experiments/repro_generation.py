@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from aejax import vae
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 from experiments import probes, repro_vae
 
 MIXTURE_COMPONENTS = (5, 10, 20, 40)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import norm
 
 from aejax import data, models, vae
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 from experiments import probes
 
 CLASSES = (1, 5, 6)

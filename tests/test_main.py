@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
+
+from aejax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +61,79 @@ def test_bad_command_lines_are_one_clear_line(tmp_path, args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- a user's own model
+
+
+class DenseAE(nn.Module):
+    """A model written here, not in aejax: the protocol, a sown layer and its dense layers."""
+
+    hidden: int = 32
+    code_size: int = 8
+
+    def setup(self):
+        self.first = nn.Dense(self.hidden)
+        self.second = nn.Dense(self.code_size)
+        self.up = nn.Dense(self.hidden)
+        self.out = nn.Dense(784)
+
+    def encode(self, x):
+        h = nn.sigmoid(self.first(x))
+        self.sow("intermediates", "hidden_0", h)
+        return self.second(h)
+
+    def decode(self, z):
+        return self.out(nn.relu(self.up(z)))
+
+    def __call__(self, x):
+        code = self.encode(x)
+        return self.decode(code), {"code": code}
+
+    def dense_layers(self):
+        p = lambda layer: layer.variables["params"]
+        return (models.DenseLayer(p(self.first)["kernel"], p(self.first)["bias"], "sigmoid"),
+                models.DenseLayer(p(self.second)["kernel"], p(self.second)["bias"], "linear"))
+
+
+USER_CONFIG = """
+import ml_collections
+from experiments.configs.tiny import get_config as tiny
+
+
+def get_config():
+    c = tiny()
+    c.model = ml_collections.ConfigDict(dict(name="tests.test_main:DenseAE", code_size=8))
+    c.loss.terms = ml_collections.ConfigDict(dict(
+        contractive=dict(weight=0.1, mode="{mode}"), l1=dict(weight=1e-3),
+        kl_sparsity=dict(weight=0.1, layer="hidden_0", rho=0.1)))
+    return c
+"""
+
+
+@pytest.mark.parametrize("mode", ["best", "auto"])
+def test_a_users_model_trains_through_the_command_line(fashion_data_dir, tmp_path, mode):
+    config = tmp_path / "user.py"
+    config.write_text(USER_CONFIG.format(mode=mode))
+    work = tmp_path / "run"
+    out = cli(f"--config={config}", f"--workdir={work}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    for term in ("reconstruction", "contractive", "l1", "kl_sparsity"):
+        assert np.isfinite(summary["test"][term]), term
+    assert summary["pca"]["code_size"] == 8 and "autoencoder_beats_pca" in summary
+    for name in ("reconstructions.png", "learning_curves.png", "pca_vs_autoencoder.png"):
+        assert (work / name).stat().st_size > 1000
+
+
+def test_best_contractive_mode_of_a_users_model_is_exact():
+    """mode='best' on the model above takes the one-hidden-layer quadratic form; it equals 'auto'."""
+    from aejax import objectives
+
+    model = DenseAE()
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 784))
+    params = models.init(model, jax.random.PRNGKey(1), x)
+    f = objectives.forward(model, params, x, x, rng=jax.random.PRNGKey(2), step=0)
+    best = objectives.contractive(mode="best")(f)
+    np.testing.assert_allclose(best, objectives.contractive(mode="auto")(f), rtol=1e-4)
+    np.testing.assert_allclose(best, objectives.contractive(mode="one_hidden")(f), rtol=1e-6)

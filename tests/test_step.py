@@ -1,4 +1,5 @@
-"""Tests of aejax.step: mixed precision (the rest of the step is tested in tests/test_train.py)."""
+"""Tests of aejax.step: mixed precision, the objective's reconstruction kind, non-finite steps
+(the loop around the step is tested in tests/test_trainer.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ LOSS_RTOL, UPDATE_RTOL = 2e-3, 2e-2
 def one_step(compute_dtype, x, model, params, tx):
     per_example = step.make_per_example_fn(model, objectives.build("bce", {}),
                                            compute_dtype=compute_dtype)
-    state = step.TrainState.create(params, tx, step.metrics_template(per_example, params, x))
+    state = step.TrainState.create(params, tx)
     new, metrics = jax.jit(step.make_train_step(per_example, tx))(state, {"x": x},
                                                                  jax.random.PRNGKey(1))
     return new, metrics
@@ -46,3 +47,50 @@ def test_unknown_compute_dtype_is_refused():
     model = models.MLPAutoencoder(input_shape=(4,), hidden=(), code_size=2)
     with pytest.raises(ValueError, match="Unknown compute_dtype 'float16'"):
         step.make_per_example_fn(model, objectives.build("bce", {}), compute_dtype="float16")
+
+
+def test_the_reconstruction_kind_is_said_once():
+    """The error metrics score the objective's own reconstruction: linear outputs stay linear."""
+    x = jnp.asarray(np.random.default_rng(0).random((8, 6)), jnp.float32)
+    model = models.MLPAutoencoder(input_shape=(6,), hidden=(), code_size=3)
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    logits = model.apply({"params": params}, x)[0]
+    for kind, images in (("mse_linear", logits), ("bce", jax.nn.sigmoid(logits))):
+        fn = step.make_per_example_fn(model, objectives.build(kind, {}))
+        _, metrics = fn(params, {"x": x}, jax.random.PRNGKey(0), 0)
+        np.testing.assert_allclose(metrics["squared_error_per_image"],
+                                   np.square(np.asarray(images) - np.asarray(x)).sum(1), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs an objective .* with a reconstruction term"):
+        step.make_per_example_fn(model, objectives.combine({"l1": (1.0, objectives.l1_activity())}))
+
+
+def test_a_non_finite_step_is_recorded_once():
+    x = jnp.ones((4, 3))
+    model = models.MLPAutoencoder(input_shape=(3,), hidden=(), code_size=2)
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    tx = optax.sgd(1.0)
+    fn = step.make_per_example_fn(model, objectives.build("mse_linear", {}))
+    train_step = jax.jit(step.make_train_step(fn, tx))
+    state = step.TrainState.create(params, tx)
+    state, _ = train_step(state, {"x": x}, jax.random.PRNGKey(0))
+    assert int(state.bad_step) == -1
+    for _ in range(2):
+        state, metrics = train_step(state, {"x": x * np.nan}, jax.random.PRNGKey(0))
+    assert int(state.bad_step) == 1 and int(state.step) == 3  # the first bad step, kept
+    assert not np.isfinite(metrics["loss"])
+
+
+def test_per_device_step_equals_the_global_step_on_one_device():
+    """make_train_step(axis_name=...) under jax.pmap on one device = the global step."""
+    x = jnp.asarray(np.random.default_rng(1).random((8, 5)), jnp.float32)
+    model = models.MLPAutoencoder(input_shape=(5,), hidden=(4,), code_size=2)
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    tx = optax.adam(1e-2)
+    fn = step.make_per_example_fn(model, objectives.build("bce", {}))
+    state = step.TrainState.create(params, tx)
+    ref, ref_metrics = jax.jit(step.make_train_step(step.shardwise(fn, 1), tx))(
+        state, {"x": x}, jax.random.PRNGKey(3))
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], state)
+    out, metrics = step.make_pmap_step(fn, tx)(stacked, {"x": x[None]}, jax.random.PRNGKey(3))
+    for a, b in zip(jax.tree.leaves((ref, ref_metrics)), jax.tree.leaves((out, metrics))):
+        np.testing.assert_allclose(np.asarray(b)[0], a, rtol=1e-6, atol=1e-7)

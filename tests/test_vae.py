@@ -88,7 +88,7 @@ def test_hidden_free_vae_is_linear_gaussian(x64):
     params = linear_params(lg, **WRONG)
     x = jnp.asarray(lg["x"])
     z = np.random.default_rng(1).normal(size=(8, Z))
-    mean, logvar = LINEAR_MODEL.apply({"params": params}, x, method="encode")
+    mean, logvar = LINEAR_MODEL.apply({"params": params}, x, method="posterior")
     out = LINEAR_MODEL.apply({"params": params}, jnp.asarray(z), method="decode")
     np.testing.assert_allclose(out, z @ lg["w"].T + lg["b"], rtol=1e-12)
     np.testing.assert_allclose(
@@ -328,9 +328,9 @@ TRACES = []
 class CountingVAE(models.VAE):
     """The VAE, counting how often its encoder is traced (Python runs only while tracing)."""
 
-    def encode(self, x):
+    def posterior(self, x):
         TRACES.append(x.shape)
-        return super().encode(x)
+        return super().posterior(x)
 
 
 def test_evaluate_nll_is_exact_for_the_true_posterior_and_compiles_once(x64):
@@ -388,7 +388,7 @@ def test_invalid_inputs_raise_clear_errors(bernoulli_vae):
         vae.elbo(model, params, x[:, :5], rng)
     with pytest.raises(ValueError, match="no examples"):
         vae.evaluate_nll(model, params, x[:0], rng)
-    with pytest.raises(ValueError, match="must be an aejax.models.VAE"):
+    with pytest.raises(ValueError, match="model must be stochastic"):
         vae.sample_prior(models.MLPAutoencoder(input_shape=(6,)), params, rng, 3)
     with pytest.raises(ValueError, match="num"):
         vae.sample_prior(model, params, rng, 0)

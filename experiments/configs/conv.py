@@ -7,7 +7,7 @@ Run:
 `=transpose` with transposed convolutions. Expect: see experiments/FAMILY.md.
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

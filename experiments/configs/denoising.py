@@ -9,7 +9,7 @@ file). The test error is measured on clean inputs. Expect: see experiments/FAMIL
 
 import ml_collections
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ image about 7.2 against 12.24 for PCA with 30 components (`autoencoder_beats_pca
 summary.json).
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ Run:
 Expect: see experiments/FAMILY.md (made by `python -m experiments.family`).
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

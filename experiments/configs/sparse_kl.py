@@ -8,7 +8,7 @@ Expect: see experiments/FAMILY.md (mean code activation near rho).
 
 import ml_collections
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

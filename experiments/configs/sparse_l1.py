@@ -10,7 +10,7 @@ Expect: see experiments/FAMILY.md (mean code activation with and without the pen
 
 import ml_collections
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

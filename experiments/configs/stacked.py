@@ -8,7 +8,7 @@ stack fine-tuned end to end, and the same model trained from scratch for compari
 (`scratch/`); workdir/summary.json holds all three. Expect: see experiments/FAMILY.md.
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ Run:
 Expect: see experiments/FAMILY.md (half the weight matrices of multilayer.py).
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

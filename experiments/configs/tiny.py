@@ -6,7 +6,7 @@ Run:
 Expect: 2 epochs on 2000 training images; a finite test loss and figures in the workdir.
 """
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ estimated with the importance-weighted bound (`iwae_samples`). Expect: see exper
 
 import ml_collections
 
-from aejax.train import default_config
+from aejax.runtime.config import default_config
 
 
 def get_config():

@@ -13,24 +13,20 @@ import logging
 import os
 from typing import Any, Optional
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aejax import data, models, train
+from aejax import models
+from aejax.data import splits as splits_lib
+from aejax.runtime import trainer
+from aejax.runtime.config import ConfigError, check_config, data_options
 
 log = logging.getLogger(__name__)
 
 
-def _encode_splits(model, params, splits: data.Splits, batch_size: int = 2000) -> data.Splits:
-    encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode))
-
-    def codes(x):
-        return np.concatenate([np.asarray(encode(jnp.asarray(x[i:i + batch_size])))
-                               for i in range(0, len(x), batch_size)])
-
-    return data.Splits(*[(codes(x), y) for x, y in splits])
+def _encode_splits(model, params, splits: splits_lib.Splits) -> splits_lib.Splits:
+    return splits_lib.Splits(*[(np.asarray(models.encode_batched(model, params, x)), y)
+                               for x, y in splits])
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
@@ -66,7 +62,7 @@ def stack_params(stage_params: list[dict]) -> dict:
 
 
 def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
-                  splits: Optional[data.Splits] = None) -> dict:
+                  splits: Optional[splits_lib.Splits] = None) -> dict:
     """Pretrains ``config.model`` layer pair by layer pair, then fine-tunes it end to end.
 
     Writes ``stage_<i>/`` and ``finetune/`` runs under ``workdir`` (each resumable), and, when
@@ -77,10 +73,10 @@ def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
       The summary dict.
     """
     if config.model.name != "mlp" or config.model.get("tied", False):
-        raise train.ConfigError("Greedy stacking needs an untied MLP model (model.name='mlp').")
+        raise ConfigError("Greedy stacking needs an untied MLP model (model.name='mlp').")
     if splits is None:
-        train.check_config(config)
-        splits = data.load(config.data.name, **train._data_options(config))
+        check_config(config)
+        splits = splits_lib.load(config.data.name, **data_options(config))
     os.makedirs(workdir, exist_ok=True)
     num_stages = len(config.model.hidden) + 1
     stage_params, stage_splits, stages = [], splits, []
@@ -88,19 +84,18 @@ def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
         cfg = stage_config(config, i)
         stage_dir = os.path.join(workdir, f"stage_{i}")
         log.info("Pretraining layer pair %d of %d: %s", i + 1, num_stages, dict(cfg.model))
-        summary = train.train_and_evaluate(cfg, stage_dir, splits=stage_splits)
-        params = train.load_best_params(stage_dir)
+        summary = trainer.train_and_evaluate(cfg, stage_dir, splits=stage_splits)
+        params = trainer.load_best_params(stage_dir)
         stages.append({"model": cfg.model.to_dict(), "test": summary["test"]})
         stage_params.append(params)
         if i < num_stages - 1:
-            model = models.create("mlp", **{k: v for k, v in cfg.model.items() if k != "name"})
-            stage_splits = _encode_splits(model, params, stage_splits)
+            stage_splits = _encode_splits(models.from_config(cfg.model), params, stage_splits)
     result = {"stages": stages}
-    finetune = train.train_and_evaluate(config, os.path.join(workdir, "finetune"), splits=splits,
+    finetune = trainer.train_and_evaluate(config, os.path.join(workdir, "finetune"), splits=splits,
                                         init_params=stack_params(stage_params))
     result["finetune"] = finetune
     if config.stacking.compare_scratch:
-        result["scratch"] = train.train_and_evaluate(config, os.path.join(workdir, "scratch"),
+        result["scratch"] = trainer.train_and_evaluate(config, os.path.join(workdir, "scratch"),
                                                      splits=splits)
         result["stacked_beats_scratch"] = (finetune["test"]["squared_error_per_image"]
                                            < result["scratch"]["test"]["squared_error_per_image"])
@@ -109,6 +104,9 @@ def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
     return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> dict:
-    """Entry point used by ``experiments.main`` when ``config.stacking.pretrain_epochs > 0``."""
-    return train_stacked(config, workdir, **kwargs)
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``config``: greedily stacked when ``config.stacking.pretrain_epochs > 0``, else
+    directly (:func:`aejax.runtime.trainer.train_and_evaluate`)."""
+    if config.stacking.pretrain_epochs > 0:
+        return train_stacked(config, workdir)
+    return trainer.train_and_evaluate(config, workdir)

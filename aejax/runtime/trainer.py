@@ -1,0 +1,593 @@
+"""The full run, ``train_and_evaluate(config, workdir)``: restore, train epochs, validate, finish.
+
+The phases share one :class:`Trainer`; what must survive a restart is the train state and the
+typed :class:`Progress` saved with it in every checkpoint. Randomness comes from one key folded
+with the step and the data order from one key folded with the epoch, so a resumed run repeats
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from aejax import corruptions, models, objectives, pca
+from aejax.data import batching, offline, splits as splits_lib
+from aejax.runtime import checkpoints, distributed
+from aejax.runtime.config import (ConfigError, build_optimizer, check_config, data_options,
+                                  resolve_parallel, start_distributed)
+from aejax.runtime.placement import Placement, prefetch_to_device
+from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,
+                        make_evaluate, make_per_example_fn, make_train_step)
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+PREFETCH = 2  # batches placed ahead of the step on the streaming path
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config before training: data, model, objective, steps."""
+
+    config: ml_collections.ConfigDict
+    splits: splits_lib.Splits
+    model: Any
+    objective: objectives.Objective
+    per_example: PerExampleFn
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    total_steps: int
+    parallel: str = "none"
+    num_devices: int = 1
+
+
+def build_experiment(config: ml_collections.ConfigDict,
+                     splits: Optional[splits_lib.Splits] = None) -> Experiment:
+    """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
+    check_config(config)
+    if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
+        raise ConfigError("batch_size and eval_batch_size must be positive and num_epochs >= 0; got "
+                          f"{config.batch_size}, {config.eval_batch_size}, {config.num_epochs}.")
+    if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+        raise ConfigError("log_every_steps and checkpoint_every_steps must be positive; got "
+                          f"{config.log_every_steps}, {config.checkpoint_every_steps}.")
+    mode, num_devices = resolve_parallel(config)
+    if splits is None:
+        if config.data.name not in splits_lib.DATASETS:
+            raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of "
+                              f"{splits_lib.DATASETS}.")
+        splits = splits_lib.load(config.data.name, **data_options(config))
+    if config.data.train_examples:
+        if not 0 < config.data.train_examples <= len(splits.train[0]):
+            raise ConfigError(f"data.train_examples must be in [1, {len(splits.train[0])}] (0 keeps "
+                              f"all), got {config.data.train_examples}.")
+        x, y = splits.train
+        splits = splits._replace(train=(x[:config.data.train_examples], y[:config.data.train_examples]))
+    for split_name, (x, _) in zip(("train", "validation", "test"), splits):
+        name = f"{config.data.name} {split_name} images"
+        if config.loss.reconstruction == "bce":  # Bernoulli targets must lie in [0, 1]
+            splits_lib.check_images(x, name=name)
+        elif not np.all(np.isfinite(x)):
+            raise offline.DataError(f"{name} contain {np.count_nonzero(~np.isfinite(x))} NaN or "
+                                    "inf values; clean the data first.")
+    model = models.from_config(config.model)
+    terms = {k: dict(v) for k, v in config.loss.terms.items()}
+    objective = objectives.build(config.loss.reconstruction, terms)
+    x_first = jnp.asarray(splits.train[0][:config.batch_size])
+    objectives.check_compatible(model, models.init(model, jax.random.PRNGKey(0), x_first),
+                                x_first, terms)
+    corruption_options = {k: v for k, v in config.corruption.items() if k != "kind"}
+    corrupt = (None if config.corruption.kind == "none"
+               else corruptions.build(config.corruption.kind, **corruption_options))
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; choose one of "
+                          f"{COMPUTE_DTYPES}.")
+    per_example = make_per_example_fn(model, objective, corrupt=corrupt,
+                                      binarize=config.data.binarize,
+                                      compute_dtype=config.compute_dtype)
+    spe = batching.steps_per_epoch(len(splits.train[0]), config.batch_size)
+    total = spe * config.num_epochs
+    tx = build_optimizer(config.optimizer, total, spe)
+    return Experiment(config, splits, model, objective, per_example, tx, spe, total, mode,
+                      num_devices)
+
+
+# --------------------------------------------------------------------------- the run state
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a run stands: saved as JSON with every checkpoint, restored on resume.
+
+    Attributes:
+      epoch: epochs finished.
+      best_validation: best validation value of ``config.monitor`` so far.
+      best_epoch: the epoch that reached it (its parameters are the checkpoint's best_params).
+      bad_epochs: epochs since then without an improvement (early stopping).
+      finished: the run needs no more training.
+      stopped_early: early stopping ended it.
+      train_seconds: wall time spent training, over every resume.
+      history: one row per epoch: train means and validation metrics.
+      parallel, num_devices, num_processes: how the run was placed (pmap runs resume only on
+        the same placement).
+    """
+
+    epoch: int = 0
+    best_validation: Optional[float] = None
+    best_epoch: Optional[int] = None
+    bad_epochs: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    history: tuple = ()
+    parallel: str = "none"
+    num_devices: int = 1
+    num_processes: int = 1
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), history=list(self.history))
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "Progress":
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in meta.items() if k in known}
+        return cls(**dict(fields, history=tuple(fields.get("history", ()))))
+
+    def after_epoch(self, row: dict, monitored: float, cfg: ml_collections.ConfigDict
+                    ) -> tuple["Progress", bool]:
+        """The progress after an epoch whose validation gave ``monitored``; and whether it improved."""
+        best = self.best_validation
+        improved = best is None or monitored < best - cfg.early_stopping_min_delta
+        epoch = self.epoch + 1
+        bad = 0 if improved else self.bad_epochs + 1
+        stopped = bool(cfg.early_stopping_patience and bad >= cfg.early_stopping_patience)
+        return dataclasses.replace(
+            self, epoch=epoch, history=self.history + (row,), bad_epochs=bad,
+            best_validation=monitored if improved else best,
+            best_epoch=epoch if improved else self.best_epoch,
+            finished=stopped or epoch >= cfg.num_epochs, stopped_early=stopped), improved
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def _nonfinite_error(bad_step: int, sums: dict, last_good: Optional[int],
+                     ckpt_dir: str) -> NonFiniteLossError:
+    bad_terms = sorted(k for k, v in sums.items() if not np.isfinite(v))
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}"
+            if last_good is not None else "no checkpoint was written yet")
+    return NonFiniteLossError(
+        f"Non-finite loss at step {bad_step} (non-finite: {', '.join(bad_terms)}). Training "
+        f"stopped; {kept}. Lower optimizer.learning_rate, clip gradients "
+        "(optimizer.grad_clip_norm) or reduce the weight of the term that diverged, then run "
+        "again in a new workdir or the same one to resume from that checkpoint.")
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops lines logged after ``step`` (they are about to be recomputed by the resumed run)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _check_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")  # one per process
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"Cannot write to workdir {workdir!r} ({e.strerror or e}). Choose a "
+                      "directory you can write to with --workdir=...") from None
+    return workdir
+
+
+class Trainer:
+    """The phases of one run over one :class:`Experiment` in ``workdir``.
+
+    ``restore`` (or start), then ``train_epoch`` and ``validate`` until the progress says the
+    run is finished, then ``finish``. The train state, the best parameters and the
+    :class:`Progress` are the run's state; everything else here is built from the config.
+    """
+
+    def __init__(self, exp: Experiment, workdir: str, *, init_params: Any = None):
+        self.exp, self.workdir = exp, workdir
+        cfg = self.cfg = exp.config
+        self.primary = jax.process_index() == 0
+        self.info = log.info if self.primary else (lambda *args: None)
+        self.place = Placement.create(exp.parallel, exp.num_devices)
+        # Padding rows are masked out of every mean, so rounding up to whole devices changes nothing.
+        self.eval_bs = -(-cfg.eval_batch_size // exp.num_devices) * exp.num_devices
+        init_rng, data_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
+        self.data_rng, self.train_rng, self.eval_rng = self.place.replicate(
+            (data_rng, train_rng, eval_rng))
+        x_train = exp.splits.train[0]
+        x_first = jnp.asarray(x_train[:cfg.batch_size])
+        params = models.init(exp.model, init_rng, x_first)
+        if init_params is not None:
+            if jax.tree.structure(init_params) != jax.tree.structure(params):
+                raise ValueError("init_params do not have the structure of the model's parameters.")
+            params = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype).reshape(a.shape), params,
+                                  init_params)
+        self.state = self.place.replicate(TrainState.create(params, exp.tx))
+        self.best_params = jax.tree.map(jnp.copy, self.state.params)
+        self.progress = Progress(parallel=exp.parallel, num_devices=exp.num_devices,
+                                 num_processes=jax.process_count())
+        self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.ckpts = checkpoints.Checkpoints(self.ckpt_dir, max_to_keep=cfg.keep_checkpoints)
+        self.last_good: Optional[int] = None
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        # The step's metric names, for the accumulators (the per-device step has the same ones).
+        self.template = jax.eval_shape(make_train_step(exp.per_example, exp.tx), self.state,
+                                       {"x": x_first}, train_rng)[1]
+        names = sorted(set(self.template) - {"grad_norm"})
+        if cfg.monitor not in names:
+            raise ConfigError(f"monitor {cfg.monitor!r} is not a validation metric of this run; "
+                              f"choose one of {names}.")
+        self.on_device = cfg.data.on_device and batching.fits_on_device(x_train.nbytes)
+        step_fn = make_train_step(exp.per_example, exp.tx,
+                                  axis_name="data" if self.place.per_device else None)
+        if self.on_device:
+            self.run_steps = self.place.fused_step(step_fn, cfg.batch_size, exp.steps_per_epoch)
+            self.x_train = self.place.replicate(x_train)
+        else:
+            self.run_steps = self.place.stream_step(step_fn)
+        self.evaluate = jax.jit(make_evaluate(exp.per_example))
+        self.param_norm = jax.jit(optax.tree.norm)  # at log steps only: not worth it every step
+
+    # -- helpers
+
+    def _checkpointed(self, state) -> dict:
+        return {"state": state, "best_params": self.best_params}
+
+    def _new_acc(self):
+        # A fresh accumulator each time: the step donates (and so deletes) the one it is given.
+        return self.place.replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.template))
+
+    def _check_finite(self, acc) -> None:
+        bad_step = int(self.place.fetch(self.state.bad_step))
+        if bad_step >= 0:
+            raise _nonfinite_error(bad_step, self.place.fetch(acc), self.last_good, self.ckpt_dir)
+
+    def _save(self, step: int) -> None:
+        self.ckpts.save(step, self._checkpointed(self.state), self.progress.to_json())
+        self.last_good = step
+
+    @property
+    def step(self) -> int:
+        return int(self.place.fetch(self.state.step))
+
+    # -- phases
+
+    def restore(self) -> None:
+        """Continues from the newest checkpoint, or starts afresh (dropping old metrics)."""
+
+        def target(on_disk):  # earlier versions saved a bad_metrics entry in the state
+            state = self._checkpointed(self.state)
+            old = on_disk.get("state", {}) if isinstance(on_disk, dict) else {}
+            if isinstance(old, dict) and "bad_metrics" in old:
+                fields = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}
+                state = dict(state, state=dict(fields, bad_metrics=jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype),
+                    old["bad_metrics"])))
+            return state
+
+        restored = self.ckpts.restore_latest(target)
+        if restored is None:
+            if self.primary and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+            return
+        self.last_good, tree, meta = restored
+        progress = Progress.from_json(meta)
+        if progress.finished and not progress.stopped_early and progress.epoch < self.cfg.num_epochs:
+            progress = dataclasses.replace(progress, finished=False)  # num_epochs was raised
+        self._check_resumable(progress)
+        state = tree["state"]
+        if isinstance(state, dict):  # the earlier layout
+            state = TrainState(**{k: v for k, v in state.items() if k != "bad_metrics"})
+        self.state = self.place.replicate(state)
+        self.best_params = self.place.replicate(tree["best_params"])
+        self.progress = dataclasses.replace(progress, parallel=self.exp.parallel,
+                                            num_devices=self.exp.num_devices,
+                                            num_processes=jax.process_count())
+        self.info("Resumed from step %d (epoch %d) in %s", self.last_good, progress.epoch,
+                  self.ckpt_dir)
+        if self.primary:
+            _truncate_metrics(self.metrics_path, self.last_good)
+
+    def _check_resumable(self, progress: Progress) -> None:
+        """Refuses to continue a pmap run on another device count or mode: its noise would change."""
+        mode, count = progress.parallel, progress.num_devices
+        if progress.finished or mode != "pmap" or (self.exp.parallel, self.exp.num_devices) == (mode, count):
+            return
+        raise ConfigError(
+            f"The run in {self.workdir} was trained with parallel='pmap' on {count} devices and "
+            f"cannot resume with parallel={self.exp.parallel!r} on {self.exp.num_devices}: pmap "
+            "draws each device's noise from its device index, so the resumed run would not repeat "
+            f"the interrupted one. Resume it on {count} devices with parallel='pmap' (on CPU: "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={count}), or start in a new workdir.")
+
+    def _host_batches(self, perm: np.ndarray, first: int):
+        """Batches ``first..`` of an epoch in order ``perm``: this process's rows, placed."""
+        x, bs = self.exp.splits.train[0], self.cfg.batch_size
+        rows = distributed.process_rows(bs)
+        for index in range(first, self.exp.steps_per_epoch):
+            yield self.place.batch(bs, {"x": x[perm[index * bs:(index + 1) * bs][rows]]})
+
+    def train_epoch(self, metrics_file, progress_bar) -> dict:
+        """Trains the rest of the current epoch; logs and checkpoints on the way.
+
+        Returns:
+          The epoch's train means (over the steps this process ran of it).
+        """
+        cfg, spe = self.cfg, self.exp.steps_per_epoch
+        epoch, step = self.progress.epoch, self.step
+        index = step - epoch * spe
+        perm = self.place.permutation(self.data_rng, len(self.exp.splits.train[0]), epoch)
+        if not self.on_device:  # the same order as on the device
+            batches = prefetch_to_device(self._host_batches(np.asarray(perm), index), PREFETCH)
+        acc, count = self._new_acc(), 0
+        totals, total_count = {}, 0
+        while index < spe:
+            if self.on_device:  # every step up to the next log, checkpoint or epoch end
+                n = min(spe - index, cfg.log_every_steps - step % cfg.log_every_steps,
+                        cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
+                self.state, acc = self.run_steps(self.state, acc, self.x_train, perm, n,
+                                                 self.train_rng)
+            else:
+                n = 1
+                self.state, acc = self.run_steps(self.state, acc, next(batches), self.train_rng)
+            step, count, index = step + n, count + n, index + n
+            progress_bar.update(n)
+            if step % cfg.log_every_steps == 0 or index == spe:
+                self._check_finite(acc)
+                means = {k: float(v) / count for k, v in self.place.fetch(acc).items()}
+                means["param_norm"] = float(self.place.fetch(self.param_norm(self.state.params)))
+                metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
+                progress_bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
+                totals = {k: totals.get(k, 0.0) + means[k] * count for k in means}
+                total_count += count
+                acc, count = self._new_acc(), 0
+            if step % cfg.checkpoint_every_steps == 0 and index < spe:
+                self._check_finite(acc)
+                self.progress = dataclasses.replace(
+                    self.progress, train_seconds=self.progress.train_seconds + self._lap())
+                self._save(step)
+        return {k: v / max(total_count, 1) for k, v in totals.items()}
+
+    def validate(self) -> dict:
+        """Validation metrics of the current parameters (masked means over the whole split)."""
+        xs, masks = self._val
+        out = self.evaluate(self.state.params, xs, masks, self.eval_rng, self.state.step)
+        return {k: float(v) for k, v in self.place.fetch(out).items()}
+
+    def end_epoch(self, train_means: dict, val: dict) -> None:
+        """Records the epoch, keeps the best parameters, and checkpoints."""
+        row = {"epoch": self.progress.epoch + 1, "step": self.step,
+               **{f"train_{k}": v for k, v in train_means.items()},
+               **{f"validation_{k}": v for k, v in val.items()}}
+        self.progress, improved = self.progress.after_epoch(row, val[self.cfg.monitor], self.cfg)
+        if improved:
+            self.best_params = jax.tree.map(jnp.copy, self.state.params)
+        self.progress = dataclasses.replace(
+            self.progress, train_seconds=self.progress.train_seconds + self._lap())
+        self._save(self.step)
+
+    def _lap(self) -> float:
+        now = time.time()
+        lap, self._t = now - self._t, now
+        return lap
+
+    def fit(self) -> None:
+        """The loop: epochs of training and validation until the run is finished."""
+        cfg, exp = self.cfg, self.exp
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=exp.total_steps, initial=self.step, mininterval=1.0, unit="step",
+                   dynamic_ncols=True, disable=not (cfg.progress and self.primary))
+        self._val = self.place.eval_batches(exp.splits.validation[0], self.eval_bs)
+        self._t = time.time()
+        with open(self.metrics_path if self.primary else os.devnull, "a") as metrics_file:
+            while not self.progress.finished and self.progress.epoch < cfg.num_epochs:
+                train_means = self.train_epoch(metrics_file, bar)
+                val = self.validate()
+                metrics_file.write(json.dumps({"step": self.step, "epoch": self.progress.epoch + 1,
+                                               "split": "validation", **val}) + "\n")
+                metrics_file.flush()
+                self.end_epoch(train_means, val)
+        bar.close()
+        self.ckpts.close()
+
+    def finish(self) -> dict:
+        """Test metrics of the best parameters, baselines and figures: the run's summary."""
+        xs, masks = self.place.eval_batches(self.exp.splits.test[0], self.eval_bs)
+        out = self.evaluate(self.best_params, xs, masks, self.eval_rng, self.state.step)
+        test = {k: float(v) for k, v in self.place.fetch(out).items()}
+        return write_summary(self.exp, self.workdir, self.place.fetch(self.best_params),
+                             self.progress, test, self.step, primary=self.primary)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       splits: Optional[splits_lib.Splits] = None, init_params: Any = None) -> dict:
+    """Trains, validates every epoch, checkpoints, and evaluates on the test split.
+
+    Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
+    only re-evaluated, unless ``num_epochs`` was raised: then the added epochs are trained).
+    Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures. With the training set
+    on the device, one compiled call runs every step up to the next log step, checkpoint or
+    epoch end (:meth:`aejax.runtime.placement.Placement.fused_step`); the host only waits at
+    those. With ``config.parallel`` the step runs data-parallel over several devices;
+    checkpoints hold one copy of the state either way. With ``config.distributed`` every
+    process runs this with the same ``workdir`` (a shared file system); all of them write the
+    checkpoints, process 0 alone the logs, metrics and figures.
+
+    Args:
+      config: see :func:`aejax.runtime.config.default_config`.
+      workdir: output directory (created; must be writable).
+      splits: data to use instead of loading ``config.data`` (tests, stacked training).
+      init_params: parameters to start from instead of a random initialization (fine-tuning).
+
+    Returns:
+      The summary dict also written to ``summary.json`` (on other processes than 0: the test
+      metrics and the run's facts, without the PCA baseline and figures).
+
+    Raises:
+      distributed.PeerLostError: another process of the run stopped (after it, exit without
+        ``jax.distributed.shutdown``: see :func:`aejax.runtime.distributed.exit_without_shutdown`).
+    """
+    # set-up
+    check_config(config)
+    start_distributed(config)
+    workdir = _check_workdir(workdir)
+    exp = build_experiment(config, splits)
+    trainer = Trainer(exp, workdir, init_params=init_params)
+    (x_train, _), (x_val, _), (x_test, _) = exp.splits
+    info = trainer.info
+    # restore
+    trainer.restore()
+    info("%s: %d train / %d validation / %d test examples; %d steps per epoch, %d epochs; "
+         "workdir %s", config.data.name, len(x_train), len(x_val), len(x_test),
+         exp.steps_per_epoch, config.num_epochs, workdir)
+    if exp.parallel != "none":
+        info("Data-parallel step: parallel=%r over %d devices in %d process(es), %d examples "
+             "per device.", exp.parallel, exp.num_devices, jax.process_count(),
+             config.batch_size // exp.num_devices)
+    if not trainer.on_device:
+        info("Streaming the training set from host memory (data.on_device=%s, %.0f MB): each "
+             "process places its rows of every batch, %d batches ahead.", config.data.on_device,
+             x_train.nbytes / 2**20, PREFETCH)
+    if trainer.progress.finished:
+        info("The run in %s is finished; evaluating its best parameters again.", workdir)
+    # train, validate, finish
+    try:
+        trainer.fit()
+        summary = trainer.finish()
+    except Exception as e:  # noqa: BLE001 - only a lost peer is turned into another error
+        if not distributed.is_peer_failure(e):
+            raise
+        raise distributed.PeerLostError(
+            f"Process {jax.process_index()} of {jax.process_count()} lost contact with the other "
+            f"processes near step {trainer.step} ({str(e).strip().splitlines()[0]}). Training "
+            f"stopped. The newest complete checkpoint in {trainer.ckpt_dir} is intact (step "
+            f"{trainer.last_good} was the last one this process saved); start all processes "
+            "again with the same command to resume from it.") from e
+    info("Wrote %s", os.path.join(workdir, "summary.json"))
+    return summary
+
+
+def load_best_params(workdir: str) -> Any:
+    """The best-validation parameters of the run in ``workdir`` (plain arrays)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}: train a run there first.")
+    ckpts = checkpoints.Checkpoints(ckpt_dir, async_save=False)
+    try:
+        state, _ = ckpts.read()
+    finally:
+        ckpts.close()
+    return state["best_params"]
+
+
+def reconstruct_images(model, params, x: Array, reconstruction: objectives.Reconstruction
+                       ) -> np.ndarray:
+    """Deterministic reconstructions of ``x`` (a stochastic model decodes its posterior mean)."""
+    return np.asarray(reconstruction.images(models.reconstruct_logits(model, params, x)))
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def write_summary(exp: Experiment, workdir: str, params, progress: Progress, test: dict,
+                  step: int, *, primary: bool = True) -> dict:
+    """The summary of a run from the test metrics of ``params`` (numpy): PCA, IWAE, figures.
+
+    Only the ``primary`` process (0) computes the baselines, draws and writes anything.
+    """
+    cfg = exp.config
+    (x_train, _), _, (x_test, _) = exp.splits
+    summary = {
+        "dataset": cfg.data.name,
+        "model": cfg.model.to_dict(),
+        "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+        "epochs_run": progress.epoch,
+        "steps": int(step),
+        "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped_early,
+        "train_seconds": round(progress.train_seconds, 2),
+        "test": test,
+    }
+    if not primary:
+        return summary
+    description = models.describe(exp.model, params, jnp.asarray(x_test[:1]))
+    pca_recon = None
+    if cfg.pca_baseline:
+        fitted = pca.fit(x_train, description.code_size)
+        summary["pca"] = {"code_size": description.code_size,
+                          "test": pca.reconstruction_errors(fitted, x_test)}
+        summary["autoencoder_beats_pca"] = (
+            test["squared_error_per_image"] < summary["pca"]["test"]["squared_error_per_image"])
+        n = cfg.num_figure_images
+        pca_recon = np.asarray(pca.decode(fitted, pca.encode(fitted, x_test[:n]), x_test.shape[1:]))
+    if description.stochastic and cfg.iwae_samples:
+        from aejax import vae
+
+        x_eval = x_test
+        if cfg.data.binarize:  # one fixed binarization of the test set, as in Burda et al.
+            x_eval = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 1),
+                                                  jnp.asarray(x_test)))
+        nll = vae.evaluate_nll(exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 2),
+                               num_samples=cfg.iwae_samples, batch_size=100,
+                               chunk_size=min(cfg.iwae_samples, 500))
+        summary["test"]["iwae_nll"] = nll
+        summary["test"]["iwae_samples"] = cfg.iwae_samples
+        # The k = 1 bound (a Monte Carlo -ELBO) on the same binarized images: "elbo" above is
+        # averaged over fresh binarizations, so only this one compares with iwae_nll exactly.
+        summary["test"]["iwae_nll_k1"] = vae.evaluate_nll(
+            exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 3), num_samples=1,
+            batch_size=100, chunk_size=1)
+    if cfg.figures:
+        n = cfg.num_figure_images
+        from aejax import figures  # matplotlib only when figures are asked for
+
+        recon = reconstruct_images(exp.model, params, jnp.asarray(x_test[:n]),
+                                   exp.objective.reconstruction)
+        paths = figures.save_run_figures(workdir, x_test[:n], recon, list(progress.history),
+                                         pca_recon)
+        if description.stochastic:
+            from aejax import vae
+
+            samples = np.asarray(vae.sample_prior(exp.model, params, jax.random.PRNGKey(cfg.seed),
+                                                  2 * n, latent_size=description.code_size))
+            paths.append(figures.image_rows([samples[:n], samples[n:]], ["prior", "samples"],
+                                            os.path.join(workdir, "prior_samples.png"),
+                                            title="decoded samples from the prior N(0, I)"))
+        summary["figures"] = [os.path.basename(p) for p in paths]
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
