@@ -294,17 +294,6 @@ def test_mock_classes_filter(mock_tfds, tmp_path):
     assert len(splits.train[1]) + len(splits.validation[1]) == np.isin(y_all, (1, 5, 6)).sum()
 
 
-def test_mock_stream(mock_tfds, tmp_path):
-    batches = data.stream(
-        "mnist", "train", batch_size=64, seed=0, flat=False, data_dir=str(tmp_path)
-    )
-    # More batches than one epoch holds: the stream repeats and every batch is full.
-    for _ in range(MOCK_N // 64 + 3):
-        batch = next(batches)
-        assert batch.shape == (64, 28, 28, 1) and batch.dtype == np.float32
-        data.check_images(batch)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
