@@ -14,7 +14,7 @@ import ssl
 import struct
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -572,7 +572,36 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def eval_batches(x, batch_size: int) -> Iterator[tuple[np.ndarray | jax.Array, np.ndarray]]:
+def pad_rows(x, multiple: int):
+    """`x` with zero rows appended up to a multiple of `multiple` rows, and a mask of the real rows.
+
+    Numpy input is padded with numpy (on the host), anything else with jax.numpy, so this also
+    works under jit (`multiple` static).
+
+    Args:
+      x: numpy or JAX array of shape (N, ...).
+      multiple: positive int.
+
+    Returns:
+      `(x_padded, mask)`: x_padded of shape (M, ...) with M = ceil(N / multiple) * multiple, zeros
+      in rows N.., and mask float32 of shape (M,), 1 for the rows of `x` and 0 for padding; both
+      numpy for numpy input, else JAX arrays.
+
+    Raises:
+      DataError: multiple <= 0.
+    """
+    if multiple <= 0:
+        raise DataError(f"multiple must be positive; got {multiple}.")
+    xp = np if isinstance(x, np.ndarray) else jnp
+    n = len(x)
+    pad = -n % multiple
+    mask = xp.concatenate([xp.ones((n,), xp.float32), xp.zeros((pad,), xp.float32)])
+    if pad:
+        x = xp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x, mask
+
+
+def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed-shape batches that cover every example exactly once, with a mask for the padding.
 
     The last batch is padded with zeros to `batch_size`, so a jitted eval step compiles once; the
@@ -580,25 +609,25 @@ def eval_batches(x, batch_size: int) -> Iterator[tuple[np.ndarray | jax.Array, n
     `sum(loss * mask) / sum(mask)`.
 
     Args:
-      x: numpy or JAX array of shape (N, ...).
+      x: numpy array of shape (N, ...).
       batch_size: rows per batch, > 0.
 
-    Yields:
-      `(batch, mask)` of shapes (batch_size, ...) and (batch_size,).
+    Returns:
+      `(xs, masks)` of shapes (num_batches, batch_size, ...) and (num_batches, batch_size), with
+      num_batches = ceil(N / batch_size).
+
+    Raises:
+      DataError: batch_size <= 0.
+
+    >>> xs, masks = pad_batches(np.ones((3, 2), np.float32), 2)
+    >>> xs.shape, masks.tolist()
+    ((2, 2, 2), [[1.0, 1.0], [1.0, 0.0]])
     """
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive; got {batch_size}.")
-    xp = np if isinstance(x, np.ndarray) else jnp
-    n = len(x)
-    for start in range(0, n, batch_size):
-        batch = x[start : start + batch_size]
-        real = len(batch)
-        mask = np.zeros((batch_size,), np.float32)
-        mask[:real] = 1.0
-        if real < batch_size:
-            pad = [(0, batch_size - real)] + [(0, 0)] * (batch.ndim - 1)
-            batch = xp.pad(batch, pad)
-        yield batch, mask
+    x, mask = pad_rows(x, batch_size)
+    num_batches = len(x) // batch_size
+    return x.reshape((num_batches, batch_size) + x.shape[1:]), mask.reshape(num_batches, batch_size)
 
 
 def fits_on_device(nbytes: int, *, fraction: float = 0.5) -> bool:

@@ -101,7 +101,7 @@ def mean_elbo(model: models.VAE, params, x: np.ndarray, rng: Array, *, num_sampl
     """
     fn = jax.jit(lambda xb, key: vae.elbo(model, params, xb, key, num_samples=num_samples).sum())
     total = 0.0
-    for i, (batch, mask) in enumerate(data.eval_batches(x, batch_size)):
+    for i, (batch, mask) in enumerate(zip(*data.pad_batches(x, batch_size))):
         real = int(mask.sum())
         total += float(fn(jnp.asarray(batch[:real]) if real < batch_size else jnp.asarray(batch),
                           jax.random.fold_in(rng, i)))

@@ -406,25 +406,55 @@ def test_steps_per_epoch():
             data.steps_per_epoch(10, bad)
 
 
-@pytest.mark.parametrize("array", [np.asarray, jnp.asarray])
 @pytest.mark.parametrize("n, batch_size", [(10, 4), (8, 4), (3, 5)])
-def test_eval_batches(array, n, batch_size):
-    x = array(np.arange(1, n * 2 + 1, dtype=np.float32).reshape(n, 2))
-    batches = list(data.eval_batches(x, batch_size))
-    assert len(batches) == -(-n // batch_size)
-    for batch, mask in batches:
-        assert batch.shape == (batch_size, 2) and mask.shape == (batch_size,)
-        assert mask.dtype == np.float32
-    masks = np.concatenate([m for _, m in batches])
-    rows = np.concatenate([np.asarray(b) for b, _ in batches])
-    assert masks.sum() == n and set(np.unique(masks)) <= {0.0, 1.0}
-    np.testing.assert_array_equal(rows[masks == 1], np.asarray(x))  # Every example once, in order.
-    assert np.all(rows[masks == 0] == 0)  # Padding is zeros.
+def test_pad_batches_matches_numpy(n, batch_size):
+    x = np.arange(1, n * 2 + 1, dtype=np.float32).reshape(n, 2)
+    xs, masks = data.pad_batches(x, batch_size)
+    num = -(-n // batch_size)
+    expected = np.zeros((num * batch_size, 2), np.float32)
+    expected[:n] = x
+    expected_masks = (np.arange(num * batch_size) < n).astype(np.float32)
+    assert isinstance(xs, np.ndarray) and isinstance(masks, np.ndarray)
+    assert xs.shape == (num, batch_size, 2) and xs.dtype == x.dtype
+    assert masks.shape == (num, batch_size) and masks.dtype == np.float32
+    np.testing.assert_array_equal(xs, expected.reshape(num, batch_size, 2))
+    np.testing.assert_array_equal(masks, expected_masks.reshape(num, batch_size))
+    rows, row_masks = xs.reshape(-1, 2), masks.reshape(-1)
+    np.testing.assert_array_equal(rows[row_masks == 1], x)  # Every example once, in order.
+    assert np.all(rows[row_masks == 0] == 0)  # Padding is zeros.
     # A masked mean over the batches equals the plain mean.
-    total = sum(float((np.asarray(b).sum(1) * m).sum()) for b, m in batches)
-    assert total / masks.sum() == pytest.approx(float(np.asarray(x).sum(1).mean()))
-    with pytest.raises(data.DataError):
-        next(data.eval_batches(x, 0))
+    total = float((xs.sum(-1) * masks).sum())
+    assert total / masks.sum() == pytest.approx(float(x.sum(1).mean()))
+    for bad in (0, -1):
+        with pytest.raises(data.DataError, match="batch_size"):
+            data.pad_batches(x, bad)
+
+
+@pytest.mark.parametrize("array", [np.asarray, jnp.asarray])
+@pytest.mark.parametrize("n, multiple", [(10, 4), (8, 4), (3, 5), (0, 3)])
+def test_pad_rows_matches_numpy(array, n, multiple):
+    x = np.arange(1, n * 6 + 1, dtype=np.float32).reshape(n, 2, 3)
+    padded, mask = data.pad_rows(array(x), multiple)
+    m = -(-n // multiple) * multiple
+    expected = np.concatenate([x, np.zeros((m - n, 2, 3), np.float32)])
+    # Numpy stays numpy (host memory); a JAX array stays a JAX array.
+    kind = np.ndarray if array is np.asarray else jax.Array
+    assert isinstance(padded, kind) and isinstance(mask, kind)
+    assert padded.shape == (m, 2, 3) and padded.dtype == np.float32
+    assert mask.shape == (m,) and mask.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(padded), expected)
+    np.testing.assert_array_equal(np.asarray(mask), (np.arange(m) < n).astype(np.float32))
+    for bad in (0, -2):
+        with pytest.raises(data.DataError, match="multiple"):
+            data.pad_rows(array(x), bad)
+
+
+def test_pad_rows_under_jit():
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    padded, mask = jax.jit(data.pad_rows, static_argnums=1)(jnp.asarray(x), 4)
+    want_x, want_mask = data.pad_rows(x, 4)
+    np.testing.assert_array_equal(padded, want_x)
+    np.testing.assert_array_equal(mask, want_mask)
 
 
 def test_fits_on_device():
