@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import data
+from aejax.data import batching
 from aejax.step import (NonFiniteLossError, PerExampleFn, TrainState, make_evaluate,
                         make_train_step, metrics_template, pad_batches)
 
@@ -39,7 +39,7 @@ def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation
     x = jnp.asarray(x_train)
     n = len(x)
     bs = min(batch_size, n)
-    spe = data.steps_per_epoch(n, bs)
+    spe = batching.steps_per_epoch(n, bs)
     # A copy: the epoch donates the state, which would delete the caller's arrays.
     params = jax.tree.map(jnp.copy, params)
     state = TrainState.create(params, tx, metrics_template(per_example, params, x[:bs]))
@@ -69,10 +69,10 @@ def _epoch_fn(per_example: PerExampleFn, tx: optax.GradientTransformation, n: in
     # program and make compilation slow for a 55000 x 784 array.
     @functools.partial(jax.jit, donate_argnums=0)
     def run_epoch(state, x, epoch):
-        perm = data.epoch_permutation(data_rng, n, epoch)
+        perm = batching.epoch_permutation(data_rng, n, epoch)
 
         def body(state, i):
-            state, metrics = step(state, {"x": data.take_batch(x, perm, i, bs)}, step_rng)
+            state, metrics = step(state, {"x": batching.take_batch(x, perm, i, bs)}, step_rng)
             return state, metrics["loss"]
 
         state, losses = jax.lax.scan(body, state, jnp.arange(spe))

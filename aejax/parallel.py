@@ -40,7 +40,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from aejax import distributed
-from aejax.data import epoch_permutation, gather_rows
+from aejax.data.batching import epoch_permutation, gather_rows
 from aejax.step import PerExampleFn, apply_gradients, make_train_step, pad_batches
 
 Array = jax.Array

@@ -18,19 +18,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aejax import data, models, train
+from aejax import models, train
+from aejax.data import splits as data_splits
 
 log = logging.getLogger(__name__)
 
 
-def _encode_splits(model, params, splits: data.Splits, batch_size: int = 2000) -> data.Splits:
+def _encode_splits(model, params, splits: data_splits.Splits, batch_size: int = 2000) -> data_splits.Splits:
     encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode))
 
     def codes(x):
         return np.concatenate([np.asarray(encode(jnp.asarray(x[i:i + batch_size])))
                                for i in range(0, len(x), batch_size)])
 
-    return data.Splits(*[(codes(x), y) for x, y in splits])
+    return data_splits.Splits(*[(codes(x), y) for x, y in splits])
 
 
 def stage_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
@@ -66,7 +67,7 @@ def stack_params(stage_params: list[dict]) -> dict:
 
 
 def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
-                  splits: Optional[data.Splits] = None) -> dict:
+                  splits: Optional[data_splits.Splits] = None) -> dict:
     """Pretrains ``config.model`` layer pair by layer pair, then fine-tunes it end to end.
 
     Writes ``stage_<i>/`` and ``finetune/`` runs under ``workdir`` (each resumable), and, when
@@ -80,7 +81,7 @@ def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
         raise train.ConfigError("Greedy stacking needs an untied MLP model (model.name='mlp').")
     if splits is None:
         train.check_config(config)
-        splits = data.load(config.data.name, **train._data_options(config))
+        splits = data_splits.load(config.data.name, **train._data_options(config))
     os.makedirs(workdir, exist_ok=True)
     num_stages = len(config.model.hidden) + 1
     stage_params, stage_splits, stages = [], splits, []

@@ -23,7 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import checkpoints, corruptions, data, distributed, models, objectives, parallel, pca
+from aejax import checkpoints, corruptions, distributed, models, objectives, parallel, pca
+from aejax.data import batching, offline
+from aejax.data import splits as data_splits
 # The pure step lives in aejax.step (below aejax.parallel, which the loop uses); these names are
 # part of aejax.train's interface.
 from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,  # noqa: F401
@@ -184,7 +186,7 @@ class Experiment:
     """Everything built from a config before training: data, model, objective, steps."""
 
     config: ml_collections.ConfigDict
-    splits: data.Splits
+    splits: data_splits.Splits
     model: Any
     per_example: PerExampleFn
     tx: optax.GradientTransformation
@@ -227,7 +229,7 @@ def resolve_parallel(config: ml_collections.ConfigDict) -> tuple[str, int]:
 
 
 def build_experiment(config: ml_collections.ConfigDict,
-                     splits: Optional[data.Splits] = None) -> Experiment:
+                     splits: Optional[data_splits.Splits] = None) -> Experiment:
     """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
     check_config(config)
     if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
@@ -238,9 +240,9 @@ def build_experiment(config: ml_collections.ConfigDict,
                           f"{config.log_every_steps}, {config.checkpoint_every_steps}.")
     mode, num_devices = resolve_parallel(config)
     if splits is None:
-        if config.data.name not in data.DATASETS:
-            raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {data.DATASETS}.")
-        splits = data.load(config.data.name, **_data_options(config))
+        if config.data.name not in data_splits.DATASETS:
+            raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {data_splits.DATASETS}.")
+        splits = data_splits.load(config.data.name, **_data_options(config))
     if config.data.train_examples:
         if not 0 < config.data.train_examples <= len(splits.train[0]):
             raise ConfigError(f"data.train_examples must be in [1, {len(splits.train[0])}] (0 keeps "
@@ -250,10 +252,10 @@ def build_experiment(config: ml_collections.ConfigDict,
     for split_name, (x, _) in zip(("train", "validation", "test"), splits):
         name = f"{config.data.name} {split_name} images"
         if config.loss.reconstruction == "bce":  # Bernoulli targets must lie in [0, 1]
-            data.check_images(x, name=name)
+            data_splits.check_images(x, name=name)
         elif not np.all(np.isfinite(x)):
-            raise data.DataError(f"{name} contain {np.count_nonzero(~np.isfinite(x))} NaN or inf "
-                                 "values; clean the data first.")
+            raise offline.DataError(f"{name} contain {np.count_nonzero(~np.isfinite(x))} NaN or inf "
+                                    "values; clean the data first.")
     model_options = {k: v for k, v in config.model.items() if k != "name"}
     model = models.create(config.model.name, **model_options)
     terms = {k: dict(v) for k, v in config.loss.terms.items()}
@@ -269,7 +271,7 @@ def build_experiment(config: ml_collections.ConfigDict,
                                       binarize=config.data.binarize,
                                       reconstruction=config.loss.reconstruction,
                                       compute_dtype=config.compute_dtype)
-    spe = data.steps_per_epoch(len(splits.train[0]), config.batch_size)
+    spe = batching.steps_per_epoch(len(splits.train[0]), config.batch_size)
     total = spe * config.num_epochs
     tx = build_optimizer(config.optimizer, total, spe)
     return Experiment(config, splits, model, per_example, tx, spe, total, mode, num_devices)
@@ -344,7 +346,7 @@ def _check_resumable(meta: dict, exp: Experiment, workdir: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       splits: Optional[data.Splits] = None, init_params: Any = None) -> dict:
+                       splits: Optional[data_splits.Splits] = None, init_params: Any = None) -> dict:
     """Trains, validates every epoch, checkpoints, and evaluates on the test split.
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
@@ -445,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         info("The run in %s is finished; evaluating its best parameters again.", workdir)
     step_fn = (parallel.make_device_step(exp.per_example, exp.tx, axis_name=parallel.PMAP_AXIS)
                if exp.parallel == "pmap" else make_train_step(exp.per_example, exp.tx))
-    on_device = cfg.data.on_device and data.fits_on_device(x_train.nbytes)
+    on_device = cfg.data.on_device and batching.fits_on_device(x_train.nbytes)
     if on_device:
         run_step = place.fused_step(step_fn, bs, spe)
         x_train_dev = place.data(x_train)
@@ -621,7 +623,7 @@ def _final_evaluation(exp: Experiment, workdir: str, params, meta: dict, test: d
 
         x_eval = x_test
         if cfg.data.binarize:  # one fixed binarization of the test set, as in Burda et al.
-            x_eval = np.asarray(data.binarize(jax.random.PRNGKey(cfg.seed + 1), jnp.asarray(x_test)))
+            x_eval = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 1), jnp.asarray(x_test)))
         nll = vae.evaluate_nll(exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 2),
                                num_samples=cfg.iwae_samples, batch_size=100,
                                chunk_size=min(cfg.iwae_samples, 500))

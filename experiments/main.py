@@ -33,7 +33,8 @@ def main(argv):
     ours.addHandler(handler)
     ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
-    from aejax import checkpoints, data, distributed, stacking, train
+    from aejax import checkpoints, distributed, stacking, train
+    from aejax.data import offline
 
     run = stacking.run if FLAGS.config.stacking.pretrain_epochs > 0 else train.train_and_evaluate
     try:
@@ -48,7 +49,7 @@ def main(argv):
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)
-    except (train.ConfigError, data.DataError, train.NonFiniteLossError,
+    except (train.ConfigError, offline.DataError, train.NonFiniteLossError,
             checkpoints.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
