@@ -3,7 +3,7 @@
 :func:`aejax.train.train_and_evaluate` is the full run (config, checkpoints, validation, early
 stopping, figures). These two are the small loop underneath it for experiments that train many
 models for a few minutes each: the same pure step (:func:`aejax.step.make_train_step`), the same
-data order (:func:`aejax.data.epoch_permutation`), one jitted ``lax.scan`` per epoch, no files.
+data order (:func:`aejax.data.batching.epoch_permutation`), one jitted ``lax.scan`` per epoch, no files.
 """
 
 from __future__ import annotations

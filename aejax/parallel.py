@@ -332,7 +332,7 @@ class Placement:
         return self.state(x)
 
     def permutation(self, rng: Array, num_examples: int, epoch: int) -> Any:
-        """The epoch's example order (:func:`aejax.data.epoch_permutation`), placed for the step."""
+        """The epoch's example order (:func:`aejax.data.batching.epoch_permutation`), placed for the step."""
         sharding = self._replicated if self.mode != "none" else None
         return _permutation_fn(num_examples, sharding)(rng, epoch)
 

@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
         name="fashion_mnist", validation_size=5000, classes=(), flat=True, binarize=False,
         data_dir="", manual_dir="", train_examples=0,  # train_examples: 0 keeps all
         # on_device: the training set sits on the device(s) and batches are gathered inside the
-        # step, when it fits (data.fits_on_device); False, or too big: batches stream from host
+        # step, when it fits (batching.fits_on_device); False, or too big: batches stream from host
         # memory, each placed on the device two steps ahead of its use.
         on_device=True))
     # Options other than `name` go to the model's constructor (see aejax.models).
