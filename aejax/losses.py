@@ -107,7 +107,7 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
     Args:
       logits: ``(B, ...)`` decoder outputs before the sigmoid.
       targets: same shape, values in [0, 1]. Concrete (non-traced) targets are checked here;
-        inside ``jit`` the data are checked where they enter (``aejax.data.check_images``).
+        inside ``jit`` the data are checked where they enter (``aejax.data.splits.check_images``).
 
     Raises:
       ValueError: concrete targets outside [0, 1] (or NaN).

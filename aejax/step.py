@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import corruptions, data, objectives
+from aejax import corruptions, objectives
+from aejax.data import batching
 
 Array = jax.Array
 PerExampleFn = Callable[[Any, Mapping[str, Array], Array, Array], tuple[Array, dict[str, Array]]]
@@ -85,7 +86,7 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         mask = batch.get("mask")
         r_bin, r_cor, r_fwd = jax.random.split(rng, 3)
         if binarize:
-            x = data.binarize(r_bin, x)
+            x = batching.binarize(r_bin, x)
         x_in = corrupt(r_cor, x) if corrupt is not None else x
         if low:
             params, x_in = _cast_floats((params, x_in), compute_dtype)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aejax import data, models, objectives, parallel, train
+from aejax import models, objectives, parallel, train
+from aejax.data import splits as data_splits
 
 BATCH = 256
 # Steps per call of the loop's step: the loop runs every step up to its next log step in one
@@ -298,7 +299,7 @@ def epoch_time() -> dict:
     """
     import tempfile
 
-    splits = data.load("fashion_mnist", flat=True)
+    splits = data_splits.load("fashion_mnist", flat=True)
     c = train.default_config()
     c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
     times = {}

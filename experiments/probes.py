@@ -130,9 +130,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str, splits=None):
 @functools.lru_cache(maxsize=4)
 def fashion(flat: bool = True, validation_size: int = 5000, seed: int = 0):
     """Full Fashion-MNIST splits (cached per process)."""
-    from aejax import data
+    from aejax.data import splits as data_splits
 
-    return data.load("fashion_mnist", flat=flat, validation_size=validation_size, seed=seed)
+    return data_splits.load("fashion_mnist", flat=flat, validation_size=validation_size, seed=seed)
 
 
 def save_json(path: str, obj) -> None:

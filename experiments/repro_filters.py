@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from aejax import checkpoints, data, models, train
+from aejax import checkpoints, models, train
+from aejax.data import batching
 from experiments import probes
 
 
@@ -139,7 +140,7 @@ def run_model(name: str, workdir: str, figdir: str, *, epochs: int, num_images: 
     config = filters_config(name, epochs=epochs, seed=seed, train_examples=train_examples)
     model, _, summary = probes.train_model(config, workdir, splits)
     snapshots = [(0, initial_params(config, model, x_train))] + per_epoch_params(workdir)
-    steps_per_epoch = data.steps_per_epoch(len(x_train[:train_examples or None]), config.batch_size)
+    steps_per_epoch = batching.steps_per_epoch(len(x_train[:train_examples or None]), config.batch_size)
     shown = x_test[:num_images]
     rows, labels, errors = [shown], ["original"], []
     for step, params in snapshots:

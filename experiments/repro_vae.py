@@ -24,7 +24,9 @@ import ml_collections
 import numpy as np
 from scipy.stats import norm
 
-from aejax import data, models, vae
+from aejax import models, vae
+from aejax.data import batching
+from aejax.data import splits as data_splits
 from aejax.runtime.config import default_config
 from experiments import probes
 
@@ -90,7 +92,7 @@ def bind(model: models.VAE, params) -> tuple[Callable[[Array], Array], Callable[
 
 def fixed_binarization(x: np.ndarray, seed: int) -> np.ndarray:
     """One Bernoulli(x) draw of the whole set, so every bound sees the same binary images."""
-    return np.asarray(data.binarize(jax.random.PRNGKey(seed), jnp.asarray(x)))
+    return np.asarray(batching.binarize(jax.random.PRNGKey(seed), jnp.asarray(x)))
 
 
 def mean_elbo(model: models.VAE, params, x: np.ndarray, rng: Array, *, num_samples: int = 10,
@@ -101,7 +103,7 @@ def mean_elbo(model: models.VAE, params, x: np.ndarray, rng: Array, *, num_sampl
     """
     fn = jax.jit(lambda xb, key: vae.elbo(model, params, xb, key, num_samples=num_samples).sum())
     total = 0.0
-    for i, (batch, mask) in enumerate(data.eval_batches(x, batch_size)):
+    for i, (batch, mask) in enumerate(zip(*batching.pad_batches(x, batch_size))):
         real = int(mask.sum())
         total += float(fn(jnp.asarray(batch[:real]) if real < batch_size else jnp.asarray(batch),
                           jax.random.fold_in(rng, i)))
@@ -245,8 +247,8 @@ def main(argv=None) -> dict:
     # (b) 2-D latent on classes 1, 5, 6.
     cfg_b = vae2d_config(quick=args.quick)
     model_b, params_b, summary_b = probes.train_model(cfg_b, os.path.join(args.workdir, "vae2d"))
-    splits_b = data.load("fashion_mnist", flat=True, classes=CLASSES,
-                         validation_size=cfg_b.data.validation_size, seed=cfg_b.seed)
+    splits_b = data_splits.load("fashion_mnist", flat=True, classes=CLASSES,
+                                validation_size=cfg_b.data.validation_size, seed=cfg_b.seed)
     xb_test, yb_test = splits_b.test
     encode_b, decode_b = bind(model_b, params_b)
     means_b = np.asarray(encode_b(jnp.asarray(xb_test)))

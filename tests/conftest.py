@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from aejax import data
+from aejax.data import offline
+from aejax.data import splits as data_splits
 
 
 def low_rank_images(n: int, dim: int = 64, rank: int = 4, seed: int = 0) -> np.ndarray:
@@ -17,14 +18,25 @@ def low_rank_images(n: int, dim: int = 64, rank: int = 4, seed: int = 0) -> np.n
 
 
 @pytest.fixture(scope="session")
-def small_splits() -> data.Splits:
+def small_splits() -> data_splits.Splits:
     """Train 1024 / validation 256 / test 256 examples of 64 pixels."""
     x = low_rank_images(1536)
     y = np.zeros(len(x), np.int32)
-    return data.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
+    return data_splits.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
 
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_DIR = offline.DEBIAN_FASHION_MNIST_DIR
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+needs_debian = pytest.mark.skipif(
+    not all(os.path.isfile(os.path.join(FASHION_DIR, f)) for f in IDX_FILES),
+    reason=f"Debian package dataset-fashion-mnist not installed ({FASHION_DIR}); "
+    "`apt-get install dataset-fashion-mnist` to run the real-data tests",
+)
 
 
 @pytest.fixture(scope="session")
@@ -36,4 +48,4 @@ def fashion_data_dir(tmp_path_factory) -> str:
     if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip("Debian package dataset-fashion-mnist is not installed "
                     "(apt-get install dataset-fashion-mnist; ./run.sh test installs it)")
-    return data.prepare("fashion_mnist")
+    return offline.prepare("fashion_mnist")

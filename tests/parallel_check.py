@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import checkpoints, data, models, objectives, parallel, train
+from aejax import checkpoints, models, objectives, parallel, train
+from aejax.data import splits as data_splits
 
 NUM_STEPS = 5
 BATCH = 64
@@ -183,12 +184,12 @@ def loop_config(**overrides):
     return c
 
 
-def loop_splits() -> data.Splits:
+def loop_splits() -> data_splits.Splits:
     # Low-rank images, as tests/conftest.py makes them, but 16 pixels: compiling stays cheap.
     z = np.random.default_rng(0).normal(size=(384, 3))
     x = (1 / (1 + np.exp(-z @ np.random.default_rng(1).normal(size=(3, 16)) * 1.5))).astype(np.float32)
     y = np.zeros(len(x), np.int32)
-    return data.Splits((x[:256], y[:256]), (x[256:320], y[256:320]), (x[320:], y[320:]))
+    return data_splits.Splits((x[:256], y[:256]), (x[256:320], y[256:320]), (x[320:], y[320:]))
 
 
 def final_params(workdir):

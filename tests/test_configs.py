@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aejax import data, models, stacking, train
+from aejax import models, stacking, train
+from aejax.data import splits as data_splits
 from experiments import family
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs")
@@ -18,8 +19,8 @@ ALL = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f !
 
 @pytest.fixture(scope="module")
 def tiny_fashion(fashion_data_dir):
-    s = data.load("fashion_mnist", validation_size=200, flat=True)
-    return data.Splits((s.train[0][:600], s.train[1][:600]), s.validation,
+    s = data_splits.load("fashion_mnist", validation_size=200, flat=True)
+    return data_splits.Splits((s.train[0][:600], s.train[1][:600]), s.validation,
                        (s.test[0][:200], s.test[1][:200]))
 
 
@@ -46,7 +47,7 @@ def test_family_config_trains_on_real_data(name, tiny_fashion, tmp_path):
     config = shrink(family.load_config(name))
     splits = tiny_fashion
     if not config.data.flat:
-        splits = data.Splits(*[(x.reshape(-1, 28, 28, 1), y) for x, y in splits])
+        splits = data_splits.Splits(*[(x.reshape(-1, 28, 28, 1), y) for x, y in splits])
     if config.stacking.pretrain_epochs:
         out = stacking.train_stacked(config, str(tmp_path), splits=splits)
         summary = out["finetune"]

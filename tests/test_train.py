@@ -16,7 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from aejax import checkpoints, data, models, objectives, train
+from aejax import checkpoints, models, objectives, train
+from aejax.data import offline
+from aejax.data import splits as data_splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -345,10 +347,11 @@ RUN_SCRIPT = textwrap.dedent("""
     from conftest import low_rank_images
     from test_train import small_config
     import numpy as np
-    from aejax import data, train
+    from aejax import train
+    from aejax.data import splits as data_splits
     x = low_rank_images(1536)
     y = np.zeros(len(x), np.int32)
-    splits = data.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
+    splits = data_splits.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
     c = small_config(num_epochs=int(sys.argv[2]), checkpoint_every_steps=3)
     train.train_and_evaluate(c, sys.argv[1], splits=splits)
 """)
@@ -445,8 +448,8 @@ def test_unknown_model_option_is_a_clear_error(small_splits, tmp_path):
 def test_nan_in_data_is_a_clear_error(small_splits, tmp_path):
     x = small_splits.train[0].copy()
     x[3, 5] = np.nan
-    bad = data.Splits((x, small_splits.train[1]), small_splits.validation, small_splits.test)
-    with pytest.raises(data.DataError, match="NaN"):
+    bad = data_splits.Splits((x, small_splits.train[1]), small_splits.validation, small_splits.test)
+    with pytest.raises(offline.DataError, match="NaN"):
         train.train_and_evaluate(small_config(), str(tmp_path), splits=bad)
 
 

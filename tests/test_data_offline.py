@@ -1,0 +1,123 @@
+"""Tests of aejax.data.offline: staging the Debian files, offline failures, the probe."""
+
+import gzip
+import hashlib
+import pathlib
+import shutil
+import socket
+import time
+
+import pytest
+from conftest import FASHION_DIR, IDX_FILES, needs_debian
+
+from aejax.data import offline
+from aejax.data import splits as data_splits
+
+DEBIAN_DIR = pathlib.Path(FASHION_DIR)
+
+
+def tfds_checksums(name):
+    """File name -> (size, sha256), parsed straight from the installed tfds' url_checksums file."""
+    import tensorflow_datasets as tfds
+
+    path = pathlib.Path(tfds.__file__).parent / "url_checksums" / f"{name}.txt"
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            _url, size, sha, filename = line.split("\t")
+            out[filename] = (int(size), sha)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Staging the Debian package's files, verified against tfds' checksums
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_debian
+def test_staged_gzip_files_match_tfds_checksums(tmp_path):
+    cache = tmp_path / "cache"
+    import tensorflow_datasets as tfds
+
+    offline._stage_manual_files("fashion_mnist", DEBIAN_DIR, cache, tfds)
+    expected = tfds_checksums("fashion_mnist")
+    assert sorted(expected) == sorted(IDX_FILES)
+    for filename, (size, sha) in expected.items():
+        staged = (cache / filename).read_bytes()
+        assert len(staged) == size
+        assert hashlib.sha256(staged).hexdigest() == sha
+        # Same content as Debian's file: only the gzip header was rebuilt.
+        assert gzip.decompress(staged) == gzip.decompress((DEBIAN_DIR / filename).read_bytes())
+    # Files already identical to upstream are accepted as they are.
+    again = tmp_path / "again"
+    offline._stage_manual_files("fashion_mnist", cache, again, tfds)
+    for filename in IDX_FILES:
+        assert (again / filename).read_bytes() == (cache / filename).read_bytes()
+
+
+@needs_debian
+def test_tampered_file_raises_checksum_error(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for f in IDX_FILES:
+        shutil.copy(DEBIAN_DIR / f, manual / f)
+    raw = bytearray((manual / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    raw[100] ^= 0xFF  # Inside the deflate stream: header rebuilding cannot repair it.
+    (manual / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(raw))
+    with pytest.raises(
+        offline.DataError,
+        match=r"(?s)Checksum mismatch.*t10k-labels-idx1-ubyte\.gz.*expected sha256",
+    ):
+        offline.prepare("fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    assert not (tmp_path / "tfds" / "fashion_mnist").exists()  # Nothing was prepared.
+
+
+def test_manual_dir_missing_files(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(offline.DataError, match="t10k-images-idx3-ubyte.gz"):
+        offline.prepare("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline failures and the network probe
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mnist_without_network_or_files_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(offline, "_network_available", lambda *args, **kwargs: False)
+    start = time.monotonic()
+    with pytest.raises(offline.DataError) as err:
+        data_splits.load("mnist", data_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert "manual_dir" in msg and "internet" in msg and "storage.googleapis.com" in msg
+
+
+def test_fashion_mnist_without_debian_package_names_apt(tmp_path, monkeypatch):
+    monkeypatch.setattr(offline, "_network_available", lambda *args, **kwargs: False)
+    monkeypatch.setattr(offline, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    with pytest.raises(offline.DataError, match="apt-get install dataset-fashion-mnist"):
+        offline.prepare("fashion_mnist", data_dir=str(tmp_path / "tfds"))
+
+
+def test_network_probe():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert offline._network_available("127.0.0.1", port, timeout=2.0, tls=False)
+        # Accepts connections but never answers the TLS handshake (like a transparent proxy that
+        # goes nowhere): unreachable, and the probe returns within its timeout.
+        start = time.monotonic()
+        assert not offline._network_available("127.0.0.1", port, timeout=0.5, tls=True)
+        assert time.monotonic() - start < 1.5
+    with socket.socket() as s:  # A port nobody listens on once closed.
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    assert not offline._network_available("127.0.0.1", closed_port, timeout=2.0, tls=False)
+    assert not offline._network_available("no-such-host.invalid", 443, timeout=2.0)
+
+
+def test_unknown_name():
+    with pytest.raises(offline.DataError, match=r"mnist.*fashion_mnist"):
+        offline.prepare("cifar10")
