@@ -41,7 +41,8 @@ def image_rows(rows: Sequence[np.ndarray], labels: Sequence[str], path: str, *,
 
 def learning_curves(history: Sequence[Mapping[str, float]], path: str, *,
                     key: str = "loss") -> str:
-    """Train and validation ``key`` per epoch from ``history`` rows ``{epoch, train_KEY, val_KEY}``."""
+    """Train and validation ``key`` per epoch from ``history`` rows
+    ``{epoch, train_KEY, validation_KEY}``."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     epochs = [h["epoch"] for h in history]
     for split in ("train", "validation"):

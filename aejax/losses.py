@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aejax.data import batching
+
 Array = jax.Array
 
 __all__ = [
@@ -224,22 +226,24 @@ def _code_shape(encode_fn: Callable[[Array], Array], x: Array, fn: str) -> tuple
     return out.shape
 
 
-def _frob_rev(fn: Callable[[Array], Array], x: Array, num_out: int) -> Array:
-    # One VJP of the whole batch per code unit: examples are independent, so the cotangent
-    # e_h on every example returns row h of every example's Jacobian at once.
+def _jacobian_rows(fn: Callable[[Array], Array], x: Array, num_out: int) -> Array:
+    """Row ``h`` of every example's Jacobian, ``(H, B, D)``: one VJP of the batch per code unit.
+
+    Examples are independent, so the cotangent ``e_h`` on every example returns row ``h`` of
+    every example's Jacobian at once.
+    """
     y, vjp_fn = jax.vjp(fn, x)
     basis = jnp.broadcast_to(jnp.eye(num_out, dtype=y.dtype)[:, None, :], (num_out,) + y.shape)
     (rows,) = jax.vmap(vjp_fn)(basis)  # (H, B, ...)
-    return jnp.square(rows).reshape(num_out, x.shape[0], -1).sum(axis=(0, 2))
+    return rows.reshape(num_out, x.shape[0], -1)
 
 
-def _frob_fwd(fn: Callable[[Array], Array], x: Array) -> Array:
-    # One JVP of the whole batch per input coordinate: column d of every Jacobian at once.
+def _jacobian_cols(fn: Callable[[Array], Array], x: Array) -> Array:
+    """Column ``d`` of every example's Jacobian, ``(D, B, H)``: one JVP of the batch per input."""
     num_in = math.prod(x.shape[1:])
     basis = jnp.eye(num_in, dtype=x.dtype).reshape((num_in, 1) + x.shape[1:])
     basis = jnp.broadcast_to(basis, (num_in,) + x.shape)
-    cols = jax.vmap(lambda t: jax.jvp(fn, (x,), (t,))[1])(basis)  # (D, B, H)
-    return jnp.square(cols).sum(axis=(0, 2))
+    return jax.vmap(lambda t: jax.jvp(fn, (x,), (t,))[1])(basis)
 
 
 def _frob_estimate(fn: Callable[[Array], Array], x: Array, rng: Array, num_probes: int) -> Array:
@@ -249,18 +253,49 @@ def _frob_estimate(fn: Callable[[Array], Array], x: Array, rng: Array, num_probe
     return jnp.square(jv).sum(axis=2).mean(axis=0)
 
 
-def _chunked(per_chunk: Callable[[Array], Array], x: Array, chunk_size: Optional[int]) -> Array:
-    """Applies a batch function ``(c, ...) -> (c,)`` chunk by chunk with ``lax.map`` to bound memory."""
+def _chunked(per_chunk: Callable[..., Array], x: Array, chunk_size: Optional[int],
+             rng: Optional[Array] = None) -> Array:
+    """Applies a batch function ``(c, ...) -> (c, ...)`` chunk by chunk with ``lax.map``.
+
+    Bounds memory; with ``rng``, ``per_chunk(x_chunk, key)`` gets ``fold_in(rng, i)`` for chunk
+    ``i`` (or ``rng`` itself when the batch is one chunk), so every chunk draws its own noise.
+    """
     batch = x.shape[0]
     if chunk_size is None or chunk_size >= batch:
-        return per_chunk(x)
+        return per_chunk(x) if rng is None else per_chunk(x, rng)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
-    num_chunks = -(-batch // chunk_size)
-    pad = num_chunks * chunk_size - batch
-    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-    out = jax.lax.map(per_chunk, xp.reshape((num_chunks, chunk_size) + x.shape[1:]))
-    return out.reshape(-1)[:batch]
+    xp, _ = batching.pad_rows(x, chunk_size)
+    xs = xp.reshape((-1, chunk_size) + x.shape[1:])
+    if rng is None:
+        out = jax.lax.map(per_chunk, xs)
+    else:
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(xs.shape[0]))
+        out = jax.lax.map(lambda a: per_chunk(*a), (xs, keys))
+    return out.reshape((-1,) + out.shape[2:])[:batch]
+
+
+def jacobian(encode_fn: Callable[[Array], Array], x: Array, *, mode: str = "auto",
+             chunk_size: Optional[int] = None) -> Array:
+    """Every example's encoder Jacobian ``d encode(x_i) / d x_i``, ``(B, H, D)`` (inputs flattened).
+
+    Formed as :func:`contractive` forms it: ``"rev"`` one VJP of the batch per code unit,
+    ``"fwd"`` one JVP per input dimension, ``"auto"`` the one with fewer passes.
+
+    >>> w = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> jacobian(lambda x: x @ w, jnp.ones((1, 2)))[0].tolist()
+    [[1.0, 3.0], [2.0, 4.0]]
+    """
+    if mode not in ("fwd", "rev", "auto"):
+        raise ValueError(f"jacobian: unknown mode {mode!r}; choose fwd, rev or auto.")
+    _, num_out = _code_shape(encode_fn, x, "jacobian")
+    if mode == "auto":
+        mode = "rev" if num_out <= math.prod(x.shape[1:]) else "fwd"
+    if mode == "rev":
+        per_chunk = lambda c: jnp.transpose(_jacobian_rows(encode_fn, c, num_out), (1, 0, 2))
+    else:
+        per_chunk = lambda c: jnp.transpose(_jacobian_cols(encode_fn, c), (1, 2, 0))
+    return _chunked(per_chunk, x, chunk_size)
 
 
 def contractive(encode_fn: Callable[[Array], Array], x: Array, *, mode: str = "fwd",
@@ -302,20 +337,14 @@ def contractive(encode_fn: Callable[[Array], Array], x: Array, *, mode: str = "f
             raise ValueError("contractive: mode='estimate' needs rng=a PRNG key.")
         if num_probes < 1:
             raise ValueError(f"contractive: num_probes must be >= 1, got {num_probes}.")
-        batch = x.shape[0]
         # Each chunk draws its own probes from its position so chunking keeps estimates unbiased.
-        if chunk_size is None or chunk_size >= batch:
-            return _frob_estimate(encode_fn, x, rng, num_probes)
-        idx = jnp.arange(-(-batch // chunk_size))
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(idx)
-        pad = len(idx) * chunk_size - batch
-        xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-        xs = xp.reshape((len(idx), chunk_size) + x.shape[1:])
-        out = jax.lax.map(lambda a: _frob_estimate(encode_fn, a[0], a[1], num_probes), (xs, keys))
-        return out.reshape(-1)[:batch]
+        return _chunked(lambda c, key: _frob_estimate(encode_fn, c, key, num_probes), x,
+                        chunk_size, rng)
     if mode == "rev":
-        return _chunked(lambda c: _frob_rev(encode_fn, c, num_out), x, chunk_size)
-    return _chunked(lambda c: _frob_fwd(encode_fn, c), x, chunk_size)
+        return _chunked(lambda c: jnp.square(_jacobian_rows(encode_fn, c, num_out)).sum(axis=(0, 2)),
+                        x, chunk_size)
+    return _chunked(lambda c: jnp.square(_jacobian_cols(encode_fn, c)).sum(axis=(0, 2)), x,
+                    chunk_size)
 
 
 def contractive_dense_input(head_fn: Callable[[Array], Array], kernel: Array, pre: Array, *,
@@ -349,14 +378,9 @@ def contractive_dense_input(head_fn: Callable[[Array], Array], kernel: Array, pr
 
     def per_chunk(p: Array) -> Array:
         if mode == "rev":
-            y, vjp_fn = jax.vjp(head_fn, p)
-            basis = jnp.broadcast_to(jnp.eye(num_out, dtype=y.dtype)[:, None, :],
-                                     (num_out,) + y.shape)
-            (rows,) = jax.vmap(vjp_fn)(basis)  # (H, B, K): rows of J_head
+            rows = _jacobian_rows(head_fn, p, num_out)  # (H, B, K): rows of J_head
             return jnp.einsum("hbk,kl,hbl->b", rows, gram, rows)
-        num_k = p.shape[1]
-        basis = jnp.broadcast_to(jnp.eye(num_k, dtype=p.dtype)[:, None, :], (num_k,) + p.shape)
-        cols = jax.vmap(lambda t: jax.jvp(head_fn, (p,), (t,))[1])(basis)  # (K, B, H)
+        cols = _jacobian_cols(head_fn, p)  # (K, B, H)
         return jnp.einsum("kbh,kl,lbh->b", cols, gram, cols)
 
     return _chunked(per_chunk, pre, chunk_size)
@@ -404,17 +428,10 @@ def contractive_higher_order(encode_fn: Callable[[Array], Array], x: Array, rng:
     if mode not in ("fwd", "rev"):
         raise ValueError(f"contractive_higher_order: mode must be 'fwd' or 'rev', got {mode!r}.")
 
-    def jac(z: Array) -> Array:
+    def jac(z: Array) -> Array:  # (H, B, D)
         if mode == "rev":
-            y, vjp_fn = jax.vjp(encode_fn, z)
-            basis = jnp.broadcast_to(jnp.eye(num_out, dtype=y.dtype)[:, None, :],
-                                     (num_out,) + y.shape)
-            return jax.vmap(vjp_fn)(basis)[0].reshape(num_out, z.shape[0], -1)
-        num_in = math.prod(z.shape[1:])
-        basis = jnp.broadcast_to(jnp.eye(num_in, dtype=z.dtype).reshape((num_in, 1) + z.shape[1:]),
-                                 (num_in,) + z.shape)
-        cols = jax.vmap(lambda t: jax.jvp(encode_fn, (z,), (t,))[1])(basis)  # (D, B, H)
-        return jnp.transpose(cols, (2, 1, 0))
+            return _jacobian_rows(encode_fn, z, num_out)
+        return jnp.transpose(_jacobian_cols(encode_fn, z), (2, 1, 0))
 
     j0 = jac(x)
     noise = sigma * jax.random.normal(rng, (num_corrupted,) + x.shape, x.dtype)

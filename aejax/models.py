@@ -218,6 +218,10 @@ class ConvAutoencoder(nn.Module):
     def code_shape(self) -> tuple[int, int, int]:
         return (4, 4, self.features[2])
 
+    def first_layer_kernel(self) -> Array:
+        """The first convolution's kernel ``(3, 3, 1, features[0])`` (its filters)."""
+        return self.enc[0].variables["params"]["kernel"]
+
     def encode_with_switches(self, x: Array) -> tuple[Array, list[Array]]:
         """Codes and the argmax switches of each pooling layer (first to last)."""
         check_input(x, self.input_shape, "ConvAutoencoder")
@@ -436,6 +440,30 @@ def encoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
 def decoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
     """The decoder ``code -> logits`` at ``params``."""
     return lambda z: model.apply({"params": params}, z, method="decode")
+
+
+def first_layer_kernel(model: nn.Module, params: Any) -> Array:
+    """The encoder's first kernel: a dense first layer's ``(D, K)`` (from ``dense_layers()``), or
+    what the model's own ``first_layer_kernel()`` returns (a convolution's filters)."""
+    layers = dense_encoder(model, params)
+    if layers is not None:
+        return layers[0].kernel
+    if callable(getattr(model, "first_layer_kernel", None)):
+        return model.apply({"params": params}, method="first_layer_kernel")
+    raise ValueError(f"{type(model).__name__} offers neither dense_layers() nor "
+                     "first_layer_kernel().")
+
+
+def stack_mlp_params(stage_params: Sequence[Any]) -> dict:
+    """Parameters of a deep untied :class:`MLPAutoencoder` from those of its one-hidden-layer
+    stages (greedy layer-wise training): stage ``i`` gives encoder layer ``i`` and the decoder
+    layer that mirrors it."""
+    n = len(stage_params)
+    params = {}
+    for i, p in enumerate(stage_params):
+        params[f"encoder_{i}"] = p["encoder_0"]
+        params[f"decoder_{n - 1 - i}"] = p["decoder_0"]
+    return params
 
 
 def dense_encoder(model: nn.Module, params: Any) -> Optional[tuple[DenseLayer, ...]]:

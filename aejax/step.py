@@ -13,7 +13,6 @@ from typing import Any, Callable, Mapping, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from aejax import corruptions, objectives
@@ -213,6 +212,13 @@ def shardwise(per_example: PerExampleFn, num_shards: int) -> PerExampleFn:
     return fn
 
 
+def metric_names(per_example: PerExampleFn, params, x: Array) -> tuple[str, ...]:
+    """The names of the step's metrics for inputs like ``x`` (found without running anything)."""
+    _, metrics = jax.eval_shape(per_example, params, {"x": x}, jax.random.PRNGKey(0),
+                                jnp.zeros((), jnp.int32))
+    return tuple(metrics) + ("grad_norm",)
+
+
 def make_evaluate(per_example: PerExampleFn):
     """``evaluate(params, xs (N, B, ...), masks (N, B), rng, step) -> {metric: mean}`` in one call.
 
@@ -232,13 +238,3 @@ def make_evaluate(per_example: PerExampleFn):
         return jax.tree.map(lambda s: s / count, sums)
 
     return evaluate
-
-
-def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` padded with zeros to whole batches: ``(N, batch_size, ...)`` and a 0/1 mask ``(N, batch_size)``."""
-    n = len(x)
-    num = -(-n // batch_size)
-    pad = num * batch_size - n
-    xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return xp.reshape((num, batch_size) + x.shape[1:]), mask.reshape(num, batch_size)

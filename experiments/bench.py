@@ -19,13 +19,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from aejax import models, objectives, parallel, train
-from aejax.data import splits as data_splits
+from aejax import models, objectives, step
+from aejax.runtime.placement import Placement
 
 BATCH = 256
 # Steps per call of the loop's step: the loop runs every step up to its next log step in one
-# call, and logs every 50 steps by default (train.default_config().log_every_steps).
+# call, and logs every 50 steps by default (config.default_config().log_every_steps).
 STEPS_PER_CALL = 50
 
 
@@ -86,17 +87,16 @@ def matmul_runner(n: int = 2048):
 
 
 def setup(model, x_all, terms=None, *, reconstruction="bce", lr=1e-3, binarize=False):
-    """``(per_example, tx, params, fresh_state, zero_metrics)`` as the loop builds them."""
-    opt = train.default_config().optimizer
-    opt.learning_rate = lr
-    per_example = train.make_per_example_fn(model, objectives.build(reconstruction, terms or {}),
-                                            reconstruction=reconstruction, binarize=binarize)
-    tx = train.build_optimizer(opt, 10_000, 100)
+    """``(per_example, tx, params, fresh_state, zero_metrics)`` as the loop builds them (Adam at
+    a constant rate, the default config's optimizer)."""
+    per_example = step.make_per_example_fn(model, objectives.build(reconstruction, terms or {}),
+                                           binarize=binarize)
+    tx = optax.adam(optax.constant_schedule(lr), b1=0.9, b2=0.999)
     x = np.asarray(x_all[:BATCH])
     params = models.init(model, jax.random.PRNGKey(0), x)
-    template = train.metrics_template(per_example, params, x)
-    fresh_state = lambda: jax.tree.map(np.asarray, train.TrainState.create(params, tx, template))
-    zero_metrics = lambda: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    names = step.metric_names(per_example, params, x)
+    fresh_state = lambda: jax.tree.map(np.asarray, step.TrainState.create(params, tx))
+    zero_metrics = lambda: {k: np.zeros((), np.float32) for k in names}
     return per_example, tx, params, fresh_state, zero_metrics
 
 
@@ -106,19 +106,18 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
 
     Returns ``(run, steps_per_call, num_weights)``: each ``run()`` takes ``steps_per_call``
     steps in one call, as the loop does between two log steps. ``mode`` and ``num_devices``
-    choose the loop's placement (:class:`aejax.parallel.Placement`).
+    choose the loop's placement (:class:`aejax.runtime.placement.Placement`).
     """
     per_example, tx, params, fresh_state, zero_metrics = setup(
         model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize)
-    place = parallel.Placement.create(mode, num_devices)
-    step_fn = (parallel.make_device_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
-               if mode == "pmap" else train.make_train_step(per_example, tx))
+    place = Placement.create(mode, num_devices)
+    step_fn = step.make_train_step(per_example, tx, axis_name="data" if place.per_device else None)
     spe = len(x_all) // BATCH
     run = place.fused_step(step_fn, BATCH, spe)
-    x = place.data(np.asarray(x_all))
-    perm = place.permutation(place.constant(jax.random.PRNGKey(1)), len(x_all), 0)
-    rng = place.constant(jax.random.PRNGKey(2))
-    holder = {"state": place.state(fresh_state()), "acc": place.state(zero_metrics())}
+    x = place.replicate(np.asarray(x_all))
+    perm = place.permutation(place.replicate(jax.random.PRNGKey(1)), len(x_all), 0)
+    rng = place.replicate(jax.random.PRNGKey(2))
+    holder = {"state": place.replicate(fresh_state()), "acc": place.replicate(zero_metrics())}
 
     def one():
         holder["state"], holder["acc"] = run(holder["state"], holder["acc"], x, perm,
@@ -132,13 +131,13 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
 def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
     """The loop's program (``steps_per_call`` steps per call, metric sums) on one fixed batch.
 
-    The same ``fori_loop`` as :meth:`aejax.parallel.Placement.fused_step` but without the input
+    The same loop as :meth:`aejax.runtime.placement.Placement.fused_step` but without the input
     pipeline (the slice of the epoch's order and the gather of the batch): against the loop
     it gives what the input pipeline costs.
     """
     per_example, tx, _, fresh_state, zero_metrics = setup(model, x_all)
     batch = {"x": jax.device_put(np.asarray(x_all[:BATCH]))}
-    step_fn = train.make_train_step(per_example, tx)
+    step_fn = step.make_train_step(per_example, tx)
 
     def body(_, carry, batch, rng):
         state, metrics = step_fn(carry[0], batch, rng)
@@ -159,28 +158,29 @@ def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
 
 
 def bare_runner(model, x_all, *, literal_pmap: bool = False):
-    """The pure step (``train.make_train_step``), jitted, on one fixed already-placed batch.
+    """The pure step (``step.make_train_step``), jitted, on one fixed already-placed batch.
 
     Against the loop's fused step it gives the cost of the device-resident input pipeline: the
     loop's step gathers its shuffled batch from the on-device dataset and adds the metrics to
     the accumulator; the bare step does neither. With ``literal_pmap`` it is
-    ``parallel.make_pmap_step`` instead (``jax.pmap``, the state stacked on a leading axis of
+    ``step.make_pmap_step`` instead (``jax.pmap``, the state stacked on a leading axis of
     one device) on the same batch, for what ``jax.pmap`` itself costs.
     """
     per_example, tx, _, fresh_state, _ = setup(model, x_all)
     x, state = np.asarray(x_all[:BATCH]), fresh_state()
     if literal_pmap:
-        step = parallel.make_pmap_step(per_example, tx, axis_name=parallel.PMAP_AXIS)
-        batch = jax.device_put(parallel.shard_batch({"x": x}, 1))
-        state = parallel.replicate(state, 1, axis_name=parallel.PMAP_AXIS)
+        step_fn = step.make_pmap_step(per_example, tx)
+        batch = {"x": x[None]}  # a leading device axis of one device
+        state = jax.tree.map(lambda a: a[None], state)
     else:
-        step = jax.jit(train.make_train_step(per_example, tx), donate_argnums=0)
-        batch, state = jax.device_put({"x": x}), jax.device_put(state)
+        step_fn = jax.jit(step.make_train_step(per_example, tx), donate_argnums=0)
+        batch = {"x": x}
+    batch, state = jax.device_put(batch), jax.device_put(state)
     holder = {"state": state}
     rng = jax.random.PRNGKey(2)
 
     def one():
-        holder["state"], metrics = step(holder["state"], batch, rng)
+        holder["state"], metrics = step_fn(holder["state"], batch, rng)
         return metrics
 
     jax.block_until_ready(one())
@@ -191,7 +191,7 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
     """steps/s of the loop's step in every parallel mode on one device, and on all if several.
 
     The modes are timed in turns (:func:`interleaved`), ``repeats`` rounds of ``number`` steps.
-    Also timed: ``jax.pmap`` itself (``parallel.make_pmap_step``, for scripts) against the bare
+    Also timed: ``jax.pmap`` itself (``step.make_pmap_step``, for scripts) against the bare
     jitted step, both on one fixed batch on one device.
     """
     cases = [("none", 1), ("sharded", 1), ("pmap", 1)]
@@ -208,7 +208,7 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
                     batch=BATCH, steps_per_s=round(1 / times.best((mode, n)), 1),
                     time_ratio_to_single_device=round(times.ratio((mode, n), ("none", 1)), 3))
                for mode, n in cases]
-    records.append(dict(name="jax_pmap_step", step="parallel.make_pmap_step", devices=1,
+    records.append(dict(name="jax_pmap_step", step="step.make_pmap_step", devices=1,
                         model="784-128-32-128-784", batch=BATCH,
                         steps_per_s=round(1 / times.best("jax.pmap"), 1),
                         time_ratio_to_jit_step=round(times.ratio("jax.pmap", "bare"), 3)))
@@ -247,7 +247,7 @@ def main() -> None:
          fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
          overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3))
     emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
-         step="jit(train.make_train_step), one fixed batch",
+         step="jit(step.make_train_step), one fixed batch",
          steps_per_s=round(1 / times.best("bare"), 1),
          loop_speedup=round(times.ratio("bare", "loop"), 3))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
@@ -299,15 +299,18 @@ def epoch_time() -> dict:
     """
     import tempfile
 
+    from aejax.data import splits as data_splits
+    from aejax.runtime import config, trainer
+
     splits = data_splits.load("fashion_mnist", flat=True)
-    c = train.default_config()
+    c = config.default_config()
     c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
     times = {}
     for epochs in (1, 3):
         c.num_epochs = epochs
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            train.train_and_evaluate(c, d, splits=splits)
+            trainer.train_and_evaluate(c, d, splits=splits)
             times[epochs] = time.perf_counter() - t
     return dict(name="epoch", dataset="fashion_mnist", model="784-128-32-128-784", batch=BATCH,
                 train_examples=len(splits.train[0]), validation_examples=len(splits.validation[0]),

@@ -1,7 +1,7 @@
 """Classifiers on top of learned features, and the other shared steps of the reproduction scripts.
 
 A representation is judged by the test error of the same small classifier trained on it
-(Rifai et al. 2011, Table 1; the seeds' semi-supervised exercise).
+(Rifai et al. 2011, Table 1; the lecture notes' semi-supervised exercise).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import models, train
+from aejax import models
+from aejax.runtime import trainer
 
 
 class MLPClassifier(nn.Module):
@@ -108,23 +109,15 @@ def error_rate(module: nn.Module, params, x: np.ndarray, y: np.ndarray, batch: i
     return wrong / len(x)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _encode(params, xb, *, model: nn.Module):
-    z = model.apply({"params": params}, xb, method=model.encode)
-    return z[0] if isinstance(z, tuple) else z
-
-
 def encode(model: nn.Module, params, x: np.ndarray, batch: int = 2000) -> np.ndarray:
-    """Codes of ``x`` (the VAE's posterior means), in batches."""
-    return np.concatenate([np.asarray(_encode(params, jnp.asarray(x[i:i + batch]), model=model))
-                           for i in range(0, len(x), batch)])
+    """Codes of ``x`` (a stochastic model's posterior means), in batches."""
+    return np.asarray(models.encode_batched(model, params, x, batch_size=batch))
 
 
 def train_model(config: ml_collections.ConfigDict, workdir: str, splits=None):
     """Runs (or resumes) ``config`` in ``workdir``; returns ``(model, best params, summary)``."""
-    summary = train.train_and_evaluate(config, workdir, splits=splits)
-    model = models.create(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
-    return model, train.load_best_params(workdir), summary
+    summary = trainer.train_and_evaluate(config, workdir, splits=splits)
+    return models.from_config(config.model), trainer.load_best_params(workdir), summary
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,7 +9,7 @@ reconstruction of the *clean* test image from its *corrupted* version (the same 
 every model). Expect (measured: about 5 minutes on 2 shared CPU cores): each denoising
 autoencoder beats the plain one on its own noise, by more as the noise grows (Gaussian std 0.5:
 15.1 against 45.0 squared error per image; masking 0.5: 13.3 against 53.1); see
-experiments/results/denoising.md. The training loop is aejax.loop.fit (in memory, no files).
+experiments/results/denoising.md. The training loop is aejax.runtime.fit.fit (in memory, no files).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import corruptions, models, objectives, train
-from aejax.loop import evaluate, fit
+from aejax import corruptions, models, objectives, step
+from aejax.data import batching
+from aejax.runtime.fit import evaluate, fit
+from aejax.runtime.trainer import reconstruct_images
 
 SEED = 0
 # name -> (kind, options); the order is the table's.
@@ -55,7 +57,7 @@ def train_denoiser(x_train: np.ndarray, corrupt: Optional[corruptions.Corruption
                    model=None, learning_rate: float = 1e-3, seed: int = SEED) -> tuple[Any, Any]:
     """Trains ``model`` (default 784-128-32-128-784) to map ``corrupt(x)`` to ``x`` (BCE)."""
     model = model or make_model(x_train.shape[1])
-    per_example = train.make_per_example_fn(model, objectives.build("bce", {}), corrupt=corrupt)
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}), corrupt=corrupt)
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
     params, _ = fit(per_example, params, optax.adam(learning_rate), x_train, epochs=epochs, seed=seed)
     return model, params
@@ -64,14 +66,14 @@ def train_denoiser(x_train: np.ndarray, corrupt: Optional[corruptions.Corruption
 def noisy_test_error(model, params, x_test: np.ndarray, corrupt: Optional[corruptions.Corruption],
                      *, seed: int = SEED + 1) -> float:
     """Squared error per image of the reconstruction of clean ``x_test`` from ``corrupt(x_test)``."""
-    per_example = train.make_per_example_fn(model, objectives.build("bce", {}), corrupt=corrupt)
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}), corrupt=corrupt)
     return evaluate(per_example, params, x_test, seed=seed)["squared_error_per_image"]
 
 
 def input_error(x: np.ndarray, corrupt: corruptions.Corruption, *, seed: int = SEED + 1,
                 batch_size: int = 1000) -> float:
     """Squared error per image of the corrupted input itself (doing nothing), same draws as above."""
-    xs, masks = train.pad_batches(np.asarray(x), min(batch_size, len(x)))
+    xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, len(x)))
     rng = jax.random.PRNGKey(seed)
     total = 0.0
     for i, (xb, mb) in enumerate(zip(xs, masks)):
@@ -129,7 +131,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
         for label, (model, params) in (("plain AE", trained["plain"]), ("denoising AE", trained[name])):
             if label == "plain AE":
                 fig_rows.append(noisy), labels.append(name.replace("_", " "))
-            fig_rows.append(train.reconstruct_images(model, params, jnp.asarray(noisy), "bce"))
+            fig_rows.append(reconstruct_images(model, params, jnp.asarray(noisy), objectives.reconstruction("bce")))
             labels.append(label)
     examples = figures.image_rows(fig_rows, labels, os.path.join(workdir, "denoising_examples.png"),
                                   title="clean test images; noisy inputs; plain AE and denoising AE "

@@ -1,4 +1,4 @@
-"""The seeds' exercise on Fashion-MNIST: first-layer weights of the multilayer autoencoder
+"""The lecture notes' exercise on Fashion-MNIST: first-layer weights of the multilayer autoencoder
 (784-128-32-128-784) as 28x28 images, the convolutional autoencoder's first-layer 3x3 filters,
 and the same test images' reconstructions after every epoch, one strip per epoch.
 
@@ -20,7 +20,9 @@ import time
 import jax
 import numpy as np
 
-from aejax import checkpoints, models, train
+from aejax import models, objectives
+from aejax.runtime import checkpoints
+from aejax.runtime.trainer import reconstruct_images
 from aejax.data import batching
 from experiments import probes
 
@@ -54,10 +56,10 @@ def tile_images(tiles: np.ndarray, *, cols: int, pad: int = 1, normalize: bool =
     return grid
 
 
-def first_layer_filters(params) -> np.ndarray:
+def first_layer_filters(model, params) -> np.ndarray:
     """First-layer filters ``(units, h, w)``: a dense 784-K kernel as K 28x28 images, or a conv
-    kernel ``(kh, kw, 1, K)`` as K kh x kw images."""
-    kernel = np.asarray(params["encoder_0"]["kernel"])
+    kernel ``(kh, kw, 1, K)`` as K kh x kw images (:func:`aejax.models.first_layer_kernel`)."""
+    kernel = np.asarray(models.first_layer_kernel(model, params))
     if kernel.ndim == 2:
         side = int(round(np.sqrt(kernel.shape[0])))
         return kernel.T.reshape(-1, side, side)
@@ -85,7 +87,7 @@ def per_epoch_params(workdir: str) -> list[tuple[int, dict]]:
 
 
 def initial_params(config, model, x_train: np.ndarray) -> dict:
-    """The run's initial parameters, drawn as ``train.train_and_evaluate`` draws them."""
+    """The run's initial parameters, drawn as ``aejax.runtime.trainer.train_and_evaluate`` draws them."""
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]
     return models.init(model, init_rng, jax.numpy.asarray(x_train[:config.batch_size]))
 
@@ -95,7 +97,7 @@ def squared_error_per_image(model, params, x: np.ndarray, batch: int = 1000) -> 
     total = 0.0
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        rec = train.reconstruct_images(model, params, jax.numpy.asarray(xb), "bce")
+        rec = reconstruct_images(model, params, jax.numpy.asarray(xb), objectives.reconstruction("bce"))
         total += float(np.square(rec - xb).reshape(len(xb), -1).sum())
     return total / len(x)
 
@@ -145,15 +147,16 @@ def run_model(name: str, workdir: str, figdir: str, *, epochs: int, num_images: 
     rows, labels, errors = [shown], ["original"], []
     for step, params in snapshots:
         epoch = step // steps_per_epoch
-        rows.append(train.reconstruct_images(model, params, jax.numpy.asarray(shown), "bce"))
+        rows.append(reconstruct_images(model, params, jax.numpy.asarray(shown),
+                                       objectives.reconstruction("bce")))
         labels.append("init" if epoch == 0 else f"epoch {epoch}")
         errors.append({"epoch": epoch, "test_squared_error_per_image":
                        squared_error_per_image(model, params, x_test)})
     strip = figures.image_rows(rows, labels, os.path.join(figdir, f"{name}_epochs.png"),
                                title=f"{name}: the same test images reconstructed after each epoch")
     final = snapshots[-1][1]
-    filt = first_layer_filters(final)
-    cosine = cosine_to_init(first_layer_filters(snapshots[0][1]), filt)
+    filt = first_layer_filters(model, final)
+    cosine = cosine_to_init(first_layer_filters(model, snapshots[0][1]), filt)
     cols = 16 if len(filt) > 16 else 8
     grid = tile_images(filt, cols=cols)
     what = ("first-layer weights, one 28x28 tile per hidden unit" if flat

@@ -92,7 +92,7 @@ def fit_mixtures(codes: np.ndarray, validation_codes: np.ndarray, components: Se
 
 def decode_codes(model, params, codes: np.ndarray) -> np.ndarray:
     """Decoded images ``sigmoid(g(z))`` of codes ``(N, H)``."""
-    logits = model.apply({"params": params}, jnp.asarray(codes, jnp.float32), method=model.decode)
+    logits = models.decoder(model, params)(jnp.asarray(codes, jnp.float32))
     return np.asarray(jax.nn.sigmoid(logits))
 
 

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import models, objectives, pca, train
-from aejax.loop import fit
+from aejax import losses, models, objectives, pca, step
+from aejax.runtime.fit import fit
+from aejax.runtime.trainer import reconstruct_images
 
 SEED = 0
 
@@ -58,17 +59,21 @@ def make_model(input_dim: int, k: int) -> models.MLPAutoencoder:
                                  code_activation="linear")
 
 
-def subspaces(params: Any, covariance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def subspaces(model, params: Any, covariance: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The autoencoder's k-dimensional subspaces of input space, as ``(D, k)`` matrices.
 
     The encoder is pinned down only on the span of the data: its weights along directions in
     which no training image varies (pixels that are black in every image) get no gradient and
     keep their random initialization. ``covariance @ encoder`` removes them: at the optimum the
     encoder is the decoder's pseudo-inverse plus anything the data annihilates, and the data
-    covariance maps that to PCA's subspace exactly.
+    covariance maps that to PCA's subspace exactly. Both maps are linear, so their Jacobians (at
+    any point) are their matrices.
     """
-    out = {"decoder_rows": np.asarray(params["decoder_0"]["kernel"]).T,  # kernel is (k, D)
-           "encoder_columns": np.asarray(params["encoder_0"]["kernel"])}  # (D, k)
+    k = models.describe(model, params, jnp.zeros((1,) + tuple(model.input_shape))).code_size
+    at_zero = lambda fn, shape: np.asarray(losses.jacobian(fn, jnp.zeros(shape))[0])
+    out = {"decoder_rows": at_zero(models.decoder(model, params), (1, k)),  # (D, k)
+           "encoder_columns": at_zero(models.encoder(model, params),
+                                      (1,) + tuple(model.input_shape)).T}  # (D, k)
     if covariance is not None:
         out["covariance_times_encoder"] = np.asarray(covariance, np.float64) @ out["encoder_columns"]
     return out
@@ -80,7 +85,7 @@ def covariance(x: np.ndarray) -> np.ndarray:
 
 
 def squared_error_per_image(model, params, x: np.ndarray) -> float:
-    recon = train.reconstruct_images(model, params, jnp.asarray(x), "mse_linear")
+    recon = reconstruct_images(model, params, jnp.asarray(x), objectives.reconstruction("mse_linear"))
     return float(np.square(recon - x).sum(axis=1).mean())
 
 
@@ -94,8 +99,7 @@ def train_linear_autoencoder(x_train: np.ndarray, k: int, *, epochs: int, learni
       each epoch (empty without ``x_eval``).
     """
     model = make_model(x_train.shape[1], k)
-    per_example = train.make_per_example_fn(model, objectives.build("mse_linear", {}),
-                                            reconstruction="mse_linear")
+    per_example = step.make_per_example_fn(model, objectives.build("mse_linear", {}))
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
     steps = epochs * (len(x_train) // min(batch_size, len(x_train)))
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1)))
@@ -119,14 +123,14 @@ def compare_with_pca(model, params, fitted: pca.PCA, x_test: np.ndarray, *,
     ae = squared_error_per_image(model, params, x_test)
     pc = pca.reconstruction_errors(fitted, x_test)["squared_error_per_image"]
     top = np.asarray(fitted.components).T  # (D, k)
-    spaces = subspaces(params, None if x_train is None else covariance(x_train))
+    spaces = subspaces(model, params, None if x_train is None else covariance(x_train))
     angles = {name: principal_angles(m, top) for name, m in spaces.items()}
     if wider is not None:
         angles["decoder_rows_vs_top_k_plus_1"] = principal_angles(
             spaces["decoder_rows"], np.asarray(wider.components).T)
     # Angle between each decoder row and the principal component it is closest to: large, because
     # the autoencoder's units are an arbitrary basis of the subspace, not the components.
-    rows = subspaces(params)["decoder_rows"]
+    rows = spaces["decoder_rows"]
     rows = rows / np.linalg.norm(rows, axis=0, keepdims=True)
     unit_angles = np.degrees(np.arccos(np.clip(np.abs(rows.T @ top).max(axis=1), 0, 1)))
     return {"autoencoder_squared_error_per_image": ae, "pca_squared_error_per_image": pc,
@@ -152,7 +156,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     out = compare_with_pca(model, params, fitted, x_test, x_train=x_train, wider=wider)
     out["pca_variances"] = [round(float(v), 4) for v in wider.variances]
     figure = plot(out, curve, os.path.join(workdir, "linear_pca.png"))
-    basis = plot_bases(params, fitted, os.path.join(workdir, "linear_pca_bases.png"))
+    basis = plot_bases(model, params, fitted, os.path.join(workdir, "linear_pca_bases.png"))
     results = {"dataset": "fashion_mnist", "k": k, "epochs": epochs, "learning_rate": lr,
                "optimizer": "adam, cosine decay, batch 256", "seed": SEED,
                "train_examples": len(x_train), "test_examples": len(x_test), **out,
@@ -188,12 +192,12 @@ def plot(out: dict, curve: list[float], path: str) -> str:
     return path
 
 
-def plot_bases(params, fitted: pca.PCA, path: str, n: int = 8) -> str:
+def plot_bases(model, params, fitted: pca.PCA, path: str, n: int = 8) -> str:
     """PCA's first components, the decoder's rows, and those rows projected on PCA's subspace."""
     from aejax import figures
 
     top = np.asarray(fitted.components)  # (k, D)
-    rows = subspaces(params)["decoder_rows"].T  # (k, D)
+    rows = subspaces(model, params)["decoder_rows"].T  # (k, D)
     scale = lambda m: (m - m.min(axis=1, keepdims=True)) / np.ptp(m, axis=1, keepdims=True)
     projected = rows @ top.T @ top
     return figures.image_rows([scale(top[:n]), scale(rows[:n]), scale(projected[:n])],

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aejax import train
+from aejax import losses, models
+from aejax.runtime.config import default_config
 from experiments import probes
 
 # Rifai et al. 2011, Table 1 (MNIST test error, %): the numbers we set ours beside.
@@ -42,7 +43,7 @@ def representation_config(kind: str, *, hidden_size: int, epochs: int, seed: int
     """The config of one representation: 784-H sigmoid encoder, BCE, Adam 1e-3, one regularizer."""
     if kind not in REPRESENTATIONS:
         raise ValueError(f"Unknown representation {kind!r}; choose one of {REPRESENTATIONS}.")
-    c = train.default_config()
+    c = default_config()
     c.seed = seed
     c.data.train_examples = train_examples
     c.model.update(hidden=(), code_size=hidden_size, activation="sigmoid",
@@ -70,32 +71,15 @@ def representation_config(kind: str, *, hidden_size: int, epochs: int, seed: int
 
 def batch_encoder(model, params) -> Callable[[jax.Array], jax.Array]:
     """``encode(x (B, D)) -> (B, H)`` at fixed parameters."""
-    return lambda x: model.apply({"params": params}, x, method=model.encode)
+    return models.encoder(model, params)
 
 
 def jacobians(encode: Callable[[jax.Array], jax.Array], x: np.ndarray, *,
               chunk_size: int = 25) -> np.ndarray:
-    """Every example's encoder Jacobian ``(N, H, D)``.
-
-    Examples do not interact, so differentiating the batched encoder once per code unit (VJPs,
-    when H <= D) or once per input pixel (JVPs) yields all examples' rows or columns together.
-    """
+    """Every example's encoder Jacobian ``(N, H, D)`` (:func:`aejax.losses.jacobian`), chunk by
+    chunk on the host so that only one chunk's Jacobians sit on the device."""
     x = jnp.asarray(x, jnp.float32)
-    num_out = jax.eval_shape(encode, x[:1]).shape[1]
-    num_in = x.shape[1]
-
-    @jax.jit
-    def chunk_jac(xc):
-        if num_out <= num_in:
-            y, vjp_fn = jax.vjp(encode, xc)
-            basis = jnp.broadcast_to(jnp.eye(num_out, dtype=y.dtype)[:, None, :],
-                                     (num_out,) + y.shape)
-            (rows,) = jax.vmap(vjp_fn)(basis)  # (H, c, D)
-            return jnp.transpose(rows, (1, 0, 2))
-        basis = jnp.broadcast_to(jnp.eye(num_in, dtype=xc.dtype)[:, None, :], (num_in,) + xc.shape)
-        cols = jax.vmap(lambda t: jax.jvp(encode, (xc,), (t,))[1])(basis)  # (D, c, H)
-        return jnp.transpose(cols, (1, 2, 0))
-
+    chunk_jac = jax.jit(lambda xc: losses.jacobian(encode, xc))
     return np.concatenate([np.asarray(chunk_jac(x[i:i + chunk_size]))
                            for i in range(0, len(x), chunk_size)])
 
@@ -266,7 +250,7 @@ def run(workdir: str, *, hidden_size: int, epochs: int, classifier_epochs: int,
                         "pair_input_distance": centres.tolist(), "pair_ratio": ratios.tolist()}
         frob = np.sqrt((s ** 2).sum(axis=1))
         mean_s = s.mean(axis=0)
-        kernel = np.asarray(params["encoder_0"]["kernel"])
+        kernel = np.asarray(models.first_layer_kernel(model, params))
         results[kind] = {
             "test_error": error,
             "test_squared_error_per_image": summary["test"]["squared_error_per_image"],

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aejax import pca, train
+from aejax import pca
+from aejax.runtime.config import default_config
 from experiments import probes
 
 
@@ -131,7 +132,7 @@ def binary_codes(codes: np.ndarray, threshold: str | float = 0.5,
 
 def retrieval_config(bits: int, *, epochs: int, seed: int = 0, train_examples: int = 0):
     """784-256-64-bits ReLU encoder with a sigmoid code, BCE, Adam 1e-3."""
-    c = train.default_config()
+    c = default_config()
     c.seed = seed
     c.data.train_examples = train_examples
     c.model.update(hidden=(256, 64), code_size=bits, activation="relu", code_activation="sigmoid")

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import models, objectives, train
-from aejax.loop import evaluate, fit
+from aejax import models, objectives, step
+from aejax.runtime.fit import evaluate, fit
 
 SEED = 0
 KERAS_L1 = 784 * 1e-4
@@ -63,7 +63,7 @@ def train_sparse(kind: str, weight: float, x_train: np.ndarray, *, epochs: int,
     """Trains one point of the sweep; returns ``(model, params, per_example)``."""
     model, terms = make_setting(kind, weight, input_dim=x_train.shape[1])
     objectives.check_compatible(model, terms)
-    per_example = train.make_per_example_fn(model, objectives.build("bce", terms))
+    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
     params, _ = fit(per_example, params, optax.adam(learning_rate), x_train, epochs=epochs, seed=seed)
     return model, params, per_example

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import models, objectives, train
-from aejax.loop import evaluate, fit
+from aejax import models, objectives, step
+from aejax.runtime.fit import evaluate, fit
+from aejax.runtime.trainer import reconstruct_images
 
 SEED = 0
 SIDE = 28
@@ -66,7 +67,7 @@ def upsample_bicubic(small: jax.Array, factor: int = FACTOR) -> jax.Array:
 def downsample_nearest(rng: jax.Array, x: jax.Array) -> jax.Array:
     """The corruption ``corrupt(rng, x)``: 2x2 block means, repeated back to the input's shape.
 
-    Deterministic (``rng`` is unused; it is there to fit ``train.make_per_example_fn``). Works on
+    Deterministic (``rng`` is unused; it is there to fit ``step.make_per_example_fn``). Works on
     flat ``(B, 784)`` and NHWC ``(B, 28, 28, C)`` batches and returns the shape it was given.
     """
     del rng
@@ -90,7 +91,7 @@ def train_upscaler(x_train: np.ndarray, *, epochs: int, model=None, learning_rat
                    seed: int = SEED) -> tuple[Any, Any]:
     """Trains ``model`` to map ``downsample_nearest(x)`` to ``x`` (Bernoulli cross-entropy)."""
     model = model or make_model()
-    per_example = train.make_per_example_fn(model, objectives.build("bce", {}),
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}),
                                             corrupt=downsample_nearest)
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
     steps = epochs * (len(x_train) // min(256, len(x_train)))
@@ -112,7 +113,8 @@ def upscalings(model, params, x: np.ndarray) -> dict[str, np.ndarray]:
     nearest, bicubic = _baselines(x)
     out = {"nearest": flat(nearest), "bicubic": flat(bicubic)}
     if model is not None:
-        out["autoencoder"] = train.reconstruct_images(model, params, downsample_nearest(None, x), "bce")
+        out["autoencoder"] = reconstruct_images(model, params, downsample_nearest(None, x),
+                                                 objectives.reconstruction("bce"))
     return out
 
 
@@ -143,7 +145,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
                                    learning_rate=lr)
     table = psnr_table(model, params, x_test)
     # The library's evaluation path gives the same squared error (corrupted input, clean target).
-    per_example = train.make_per_example_fn(model, objectives.build("bce", {}),
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}),
                                             corrupt=downsample_nearest)
     table["autoencoder"]["library_evaluate_squared_error_per_image"] = evaluate(
         per_example, params, x_test)["squared_error_per_image"]

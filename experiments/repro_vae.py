@@ -77,7 +77,7 @@ def vae2d_config(*, quick: bool) -> ml_collections.ConfigDict:
 
 
 def build_model(config: ml_collections.ConfigDict) -> models.VAE:
-    return models.create(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
+    return models.from_config(config.model)
 
 
 # --------------------------------------------------------------------------- computations
@@ -85,8 +85,8 @@ def build_model(config: ml_collections.ConfigDict) -> models.VAE:
 
 def bind(model: models.VAE, params) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
     """``f(x)`` = posterior mean and ``g(z)`` = decoded Bernoulli means, jitted."""
-    encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode)[0])
-    decode = jax.jit(lambda z: jax.nn.sigmoid(model.apply({"params": params}, z, method=model.decode)))
+    encode = jax.jit(models.encoder(model, params))
+    decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))
     return encode, decode
 
 

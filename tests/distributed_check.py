@@ -1,7 +1,7 @@
 """One process of a multi-process run on 127.0.0.1; run by tests/test_distributed.py.
 
 ``python tests/distributed_check.py WORKDIR PORT NUM_PROCESSES PROCESS_ID [--step-delay S]
-[--stream]`` trains :func:`run_config` on ``parallel_check.loop_splits()`` with
+[--stream]`` trains :func:`dist_config` on ``placement_check.loop_splits()`` with
 ``jax.distributed`` on 127.0.0.1:PORT, one CPU device per process (``--stream``: batches from
 host memory, each process placing its rows), and prints one JSON line. After a lost peer it exits
 as experiments.main does: the error on stderr, status 3.
@@ -13,13 +13,13 @@ import logging
 import sys
 import time
 
-from aejax import distributed, parallel, train
-from parallel_check import loop_config, loop_splits
+from aejax.runtime import distributed, placement, trainer
+from placement_check import loop_config, loop_splits
 
 EPOCHS = 6  # 4 steps each: 24 steps, a checkpoint every 3
 
 
-def run_config(port: int = 0, num_processes: int = 1, process_id: int = 0, **overrides):
+def dist_config(port: int = 0, num_processes: int = 1, process_id: int = 0, **overrides):
     c = loop_config(num_epochs=EPOCHS, **overrides)
     if port:
         c.distributed.update(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
@@ -30,7 +30,7 @@ def run_config(port: int = 0, num_processes: int = 1, process_id: int = 0, **ove
 
 def slow_down(seconds: float) -> None:
     """Every train step sleeps first: a run long enough to kill a process mid-way."""
-    fused_step = parallel.Placement.fused_step
+    fused_step = placement.Placement.fused_step
 
     def slowed(self, step_fn, batch_size, steps_per_epoch):
         run = fused_step(self, step_fn, batch_size, steps_per_epoch)
@@ -40,7 +40,7 @@ def slow_down(seconds: float) -> None:
             return run(state, acc, x_all, perm, num_steps, rng)
         return step
 
-    parallel.Placement.fused_step = slowed
+    placement.Placement.fused_step = slowed
 
 
 def main() -> None:
@@ -59,10 +59,10 @@ def main() -> None:
     logging.getLogger("aejax").propagate = False
     if args.step_delay:
         slow_down(args.step_delay)
-    config = run_config(args.port, args.num_processes, args.process_id, parallel="auto",
+    config = dist_config(args.port, args.num_processes, args.process_id, parallel="auto",
                         **{"data.on_device": not args.stream})
     try:
-        summary = train.train_and_evaluate(config, args.workdir, splits=loop_splits())
+        summary = trainer.train_and_evaluate(config, args.workdir, splits=loop_splits())
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aejax import models, stacking, train
+from aejax import models
+from aejax.runtime import config as run_config
+from aejax.runtime import stacking, trainer
 from aejax.data import splits as data_splits
 from experiments import family
 
@@ -39,7 +41,7 @@ def shrink(config):
 def test_config_docstring_says_how_to_run_it(name):
     doc = importlib.import_module(f"experiments.configs.{name}").__doc__
     assert f"--config=experiments/configs/{name}.py" in doc and "Expect" in doc
-    train.check_config(importlib.import_module(f"experiments.configs.{name}").get_config())
+    run_config.check_config(importlib.import_module(f"experiments.configs.{name}").get_config())
 
 
 @pytest.mark.parametrize("name", family.FAMILY)
@@ -54,7 +56,7 @@ def test_family_config_trains_on_real_data(name, tiny_fashion, tmp_path):
         assert len(out["stages"]) == len(config.model.hidden) + 1
         assert "stacked_beats_scratch" in out
     else:
-        summary = train.train_and_evaluate(config, str(tmp_path), splits=splits)
+        summary = trainer.train_and_evaluate(config, str(tmp_path), splits=splits)
     test = summary["test"]
     assert all(math.isfinite(v) for v in test.values())
     for term in config.loss.terms:
@@ -72,7 +74,7 @@ def test_stacked_params_compose_the_stage_encoders(tiny_fashion, tmp_path):
     config.stacking.compare_scratch = False
     config.num_epochs = 0  # fine-tuning of 0 epochs keeps the stacked parameters
     stacking.train_stacked(config, str(tmp_path), splits=tiny_fashion)
-    stage_params = [train.load_best_params(str(tmp_path / f"stage_{i}")) for i in range(3)]
+    stage_params = [trainer.load_best_params(str(tmp_path / f"stage_{i}")) for i in range(3)]
     x = jnp.asarray(tiny_fashion.test[0][:16])
     h = x
     for i, p in enumerate(stage_params):
@@ -80,5 +82,5 @@ def test_stacked_params_compose_the_stage_encoders(tiny_fashion, tmp_path):
         m = models.create("mlp", **{k: v for k, v in cfg.model.items() if k != "name"})
         h = m.apply({"params": p}, h, method=m.encode)
     deep = models.create("mlp", **{k: v for k, v in config.model.items() if k != "name"})
-    got = deep.apply({"params": stacking.stack_params(stage_params)}, x, method=deep.encode)
+    got = deep.apply({"params": models.stack_mlp_params(stage_params)}, x, method=deep.encode)
     np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)

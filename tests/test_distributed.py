@@ -1,4 +1,4 @@
-"""Tests of aejax.distributed and of a run over two processes on 127.0.0.1 (one CPU device each).
+"""Tests of aejax.runtime.distributed and of a run over two processes on 127.0.0.1 (one CPU device each).
 
 Each process is a subprocess (tests/distributed_check.py) with a hard timeout: a JAX process
 whose peer is gone can block in a collective or abort, and must not take pytest with it.
@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from aejax import checkpoints, distributed, train
-from distributed_check import EPOCHS, run_config
-from parallel_check import loop_splits
+from aejax.runtime import checkpoints, distributed, trainer
+from aejax.runtime import config as config_lib
+from distributed_check import EPOCHS, dist_config
+from placement_check import loop_splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "distributed_check.py")
@@ -88,7 +89,7 @@ def runs(tmp_path_factory):
     out = {"root": root}
     # Start the first 2-process run now; the 1-process run below overlaps with its start-up.
     full = launch(root / "two", stream=True)
-    train.train_and_evaluate(run_config(parallel="none"), str(root / "one"), splits=loop_splits())
+    trainer.train_and_evaluate(dist_config(parallel="none"), str(root / "one"), splits=loop_splits())
     out["two"] = finish(full)
 
     killed = launch(root / "killed", step_delay=0.3)
@@ -189,7 +190,7 @@ def test_process_rows_single_process_is_the_whole_batch():
      "must start before JAX uses any device"),
 ])
 def test_bad_distributed_settings_are_clear_errors(settings, match):
-    c = run_config()
+    c = dist_config()
     c.distributed.update(settings)
-    with pytest.raises(train.ConfigError, match=match):
-        train.start_distributed(c)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.start_distributed(c)

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from aejax import losses, models, train
+from aejax import losses, models
+from aejax.runtime import config as run_config
 from experiments import repro_filters, repro_representations as rep, repro_retrieval as ret
 
 
@@ -76,7 +77,7 @@ def test_representation_configs_build():
 
     for kind in rep.REPRESENTATIONS:
         c = rep.representation_config(kind, hidden_size=8, epochs=1)
-        train.check_config(c)
+        run_config.check_config(c)
         model = models.create("mlp", **{k: v for k, v in c.model.items() if k != "name"})
         objectives.check_compatible(model, {k: dict(v) for k, v in c.loss.terms.items()})
     assert rep.representation_config("ae_wd", hidden_size=8, epochs=1).optimizer.weight_decay > 0
@@ -166,12 +167,14 @@ def test_tile_images_shape_and_placement():
 
 
 def test_first_layer_filters_dense_and_conv():
-    dense = {"encoder_0": {"kernel": np.arange(784 * 3, dtype=float).reshape(784, 3)}}
-    f = repro_filters.first_layer_filters(dense)
+    mlp = models.MLPAutoencoder(hidden=(), code_size=3)
+    dense = models.init(mlp, jax.random.PRNGKey(0), jnp.zeros((1, 784)))
+    f = repro_filters.first_layer_filters(mlp, dense)
     assert f.shape == (3, 28, 28)
     np.testing.assert_array_equal(f[1].ravel(), dense["encoder_0"]["kernel"][:, 1])
-    conv = {"encoder_0": {"kernel": np.random.default_rng(0).normal(size=(3, 3, 1, 16))}}
-    g = repro_filters.first_layer_filters(conv)
+    conv_model = models.ConvAutoencoder()
+    conv = models.init(conv_model, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    g = repro_filters.first_layer_filters(conv_model, conv)
     assert g.shape == (16, 3, 3)
     np.testing.assert_array_equal(g[5], conv["encoder_0"]["kernel"][:, :, 0, 5])
 

@@ -117,7 +117,8 @@ def pad_rows(x, multiple: int):
     return x, mask
 
 
-def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_batches(x: np.ndarray, batch_size: int, *, num_batches: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Fixed-shape batches that cover every example exactly once, with a mask for the padding.
 
     The last batch is padded with zeros to `batch_size`, so a jitted eval step compiles once; the
@@ -127,6 +128,8 @@ def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]
     Args:
       x: numpy array of shape (N, ...).
       batch_size: rows per batch, > 0.
+      num_batches: pad to this many batches instead (at least enough for `x`): every process
+        of a multi-process run gets the same shape.
 
     Returns:
       `(xs, masks)` of shapes (num_batches, batch_size, ...) and (num_batches, batch_size), with
@@ -142,6 +145,10 @@ def pad_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive; got {batch_size}.")
     x, mask = pad_rows(x, batch_size)
+    if num_batches is not None and num_batches * batch_size > len(x):
+        extra = num_batches * batch_size - len(x)
+        x = np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
+        mask = np.concatenate([mask, np.zeros(extra, np.float32)])
     num_batches = len(x) // batch_size
     return x.reshape((num_batches, batch_size) + x.shape[1:]), mask.reshape(num_batches, batch_size)
 

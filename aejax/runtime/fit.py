@@ -21,7 +21,7 @@ import optax
 from aejax.data import batching
 from aejax.runtime.placement import Placement
 from aejax.step import (NonFiniteLossError, PerExampleFn, TrainState, make_evaluate,
-                        make_train_step)
+                        make_train_step, metric_names)
 
 
 def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation,
@@ -53,10 +53,10 @@ def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation
     x = place.replicate(np.asarray(x_train))
     # A copy: the epoch donates the state, which would delete the caller's arrays.
     state = place.replicate(TrainState.create(jax.tree.map(jnp.copy, params), tx))
-    template = jax.eval_shape(make_train_step(per_example, tx), state, {"x": x[:bs]}, step_rng)[1]
+    names = metric_names(per_example, params, x[:bs])
     history = []
     for epoch in range(epochs):
-        acc = place.replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))
+        acc = place.replicate({k: np.zeros((), np.float32) for k in names})
         perm = place.permutation(data_rng, n, epoch)
         state, acc = run(state, acc, x, perm, spe, step_rng)
         sums = jax.device_get(acc)

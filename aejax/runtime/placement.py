@@ -119,6 +119,12 @@ class Placement:
         Transfers start at once and run while the device computes (``device_put`` is
         asynchronous), which is what :func:`prefetch_to_device` relies on.
         """
+        if global_size % self.num_devices:
+            raise ValueError(
+                f"A batch of {global_size} examples does not split evenly over "
+                f"{self.num_devices} devices. Use a batch size divisible by {self.num_devices}, or "
+                f"pad it with aejax.data.batching.pad_rows(x, {self.num_devices}) and pass its "
+                "mask as batch['mask']: mask-0 rows keep the loss the mean over the real examples.")
         return {k: jax.make_array_from_process_local_data(
             self.split, np.asarray(v), (global_size,) + np.shape(v)[1:]) for k, v in local.items()}
 

@@ -51,16 +51,6 @@ def stage_config(config: ml_collections.ConfigDict, stage: int) -> ml_collection
     return c
 
 
-def stack_params(stage_params: list[dict]) -> dict:
-    """Deep MLPAutoencoder params from the per-stage one-hidden-layer params."""
-    n = len(stage_params)
-    params = {}
-    for i, p in enumerate(stage_params):
-        params[f"encoder_{i}"] = p["encoder_0"]
-        params[f"decoder_{n - 1 - i}"] = p["decoder_0"]
-    return params
-
-
 def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
                   splits: Optional[splits_lib.Splits] = None) -> dict:
     """Pretrains ``config.model`` layer pair by layer pair, then fine-tunes it end to end.
@@ -92,7 +82,7 @@ def train_stacked(config: ml_collections.ConfigDict, workdir: str, *,
             stage_splits = _encode_splits(models.from_config(cfg.model), params, stage_splits)
     result = {"stages": stages}
     finetune = trainer.train_and_evaluate(config, os.path.join(workdir, "finetune"), splits=splits,
-                                        init_params=stack_params(stage_params))
+                                        init_params=models.stack_mlp_params(stage_params))
     result["finetune"] = finetune
     if config.stacking.compare_scratch:
         result["scratch"] = trainer.train_and_evaluate(config, os.path.join(workdir, "scratch"),

@@ -28,7 +28,7 @@ from aejax.runtime.config import (ConfigError, build_optimizer, check_config, da
                                   resolve_parallel, start_distributed)
 from aejax.runtime.placement import Placement, prefetch_to_device
 from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,
-                        make_evaluate, make_per_example_fn, make_train_step)
+                        make_evaluate, make_per_example_fn, make_train_step, metric_names)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -67,9 +67,9 @@ def build_experiment(config: ml_collections.ConfigDict,
                           f"{config.log_every_steps}, {config.checkpoint_every_steps}.")
     mode, num_devices = resolve_parallel(config)
     if splits is None:
-        if config.data.name not in splits_lib.DATASETS:
+        if config.data.name not in offline.DATASETS:
             raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of "
-                              f"{splits_lib.DATASETS}.")
+                              f"{offline.DATASETS}.")
         splits = splits_lib.load(config.data.name, **data_options(config))
     if config.data.train_examples:
         if not 0 < config.data.train_examples <= len(splits.train[0]):
@@ -243,9 +243,9 @@ class Trainer:
         self.ckpts = checkpoints.Checkpoints(self.ckpt_dir, max_to_keep=cfg.keep_checkpoints)
         self.last_good: Optional[int] = None
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-        # The step's metric names, for the accumulators (the per-device step has the same ones).
-        self.template = jax.eval_shape(make_train_step(exp.per_example, exp.tx), self.state,
-                                       {"x": x_first}, train_rng)[1]
+        # The step's metric names, for the accumulators.
+        self.template = {k: jax.ShapeDtypeStruct((), jnp.float32)
+                         for k in metric_names(exp.per_example, params, x_first)}
         names = sorted(set(self.template) - {"grad_norm"})
         if cfg.monitor not in names:
             raise ConfigError(f"monitor {cfg.monitor!r} is not a validation metric of this run; "
@@ -289,14 +289,15 @@ class Trainer:
         """Continues from the newest checkpoint, or starts afresh (dropping old metrics)."""
 
         def target(on_disk):  # earlier versions saved a bad_metrics entry in the state
-            state = self._checkpointed(self.state)
-            old = on_disk.get("state", {}) if isinstance(on_disk, dict) else {}
-            if isinstance(old, dict) and "bad_metrics" in old:
-                fields = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}
-                state = dict(state, state=dict(fields, bad_metrics=jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype),
-                    old["bad_metrics"])))
-            return state
+            tree = self._checkpointed(self.state)
+            try:
+                old = on_disk["state"]["bad_metrics"]
+            except (KeyError, TypeError):
+                return tree
+            fields = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}
+            shapes = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype), old)
+            return dict(tree, state=dict(fields, bad_metrics=shapes))
 
         restored = self.ckpts.restore_latest(target)
         if restored is None:

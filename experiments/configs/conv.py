@@ -1,4 +1,4 @@
-"""The seeds' convolutional autoencoder (Conv16-Pool-Conv8-Pool-Conv8-Pool, code 4x4x8).
+"""The lecture notes' convolutional autoencoder (Conv16-Pool-Conv8-Pool-Conv8-Pool, code 4x4x8).
 
 Run:
     python -m experiments.main --config=experiments/configs/conv.py --workdir=runs/conv

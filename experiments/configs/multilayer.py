@@ -1,4 +1,4 @@
-"""Multilayer autoencoder 784-128-32-128-784 (the seeds' deep model; the benchmark's model).
+"""Multilayer autoencoder 784-128-32-128-784 (the lecture notes' deep model; the benchmark's model).
 
 Run:
     python -m experiments.main --config=experiments/configs/multilayer.py --workdir=runs/multilayer

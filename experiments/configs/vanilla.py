@@ -1,4 +1,4 @@
-"""Vanilla autoencoder 784-64-784 (the seeds' first model) on Fashion-MNIST.
+"""Vanilla autoencoder 784-64-784 (the lecture notes' first model) on Fashion-MNIST.
 
 Run:
     python -m experiments.main --config=experiments/configs/vanilla.py --workdir=runs/vanilla

@@ -1,7 +1,7 @@
 """The data-parallel steps against the single-device step on 8 CPU devices; prints one JSON line.
 
-Run by tests/test_parallel.py in a subprocess (the device count is fixed when JAX starts):
-``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_check.py RTOL ATOL
+Run by tests/test_placement.py in a subprocess (the device count is fixed when JAX starts):
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/placement_check.py RTOL ATOL
 [WORKDIR]``; with WORKDIR it also runs ``train_and_evaluate`` in every parallel mode there.
 Compiling dominates its time; the test also passes ``--xla_backend_optimization_level=0``, which
 halves that and, applying to both sides of every comparison, changes nothing compared.
@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aejax import checkpoints, models, objectives, parallel, train
+from aejax import models, objectives, step
+from aejax.data import batching
 from aejax.data import splits as data_splits
+from aejax.runtime import checkpoints, placement, trainer
+from aejax.runtime import config as run_config
 
 NUM_STEPS = 5
 BATCH = 64
@@ -41,13 +44,33 @@ def random_params(model, x, seed: int = 0):
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-def run(step, state, batches, rng, place):
+def run(step_fn, state, batches, rng, place):
     """``NUM_STEPS`` steps; the final state and every step's metrics."""
     metrics = []
     for batch in batches:
-        state, m = step(state, place(batch), rng)
+        state, m = step_fn(state, place(batch), rng)
         metrics.append(m)
     return state, metrics
+
+
+# jax.pmap's layout: a leading device axis on the state and on every batch entry.
+stack = lambda tree, d: jax.tree.map(lambda a: np.stack([np.asarray(a)] * d), tree)
+split = lambda batch, d: {k: np.asarray(v).reshape((d, -1) + np.shape(v)[1:]) for k, v in batch.items()}
+first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+
+
+def sharded_step(per_example, tx, place):
+    """The loop's sharded step, one step per call: ``(state, batch, rng) -> (state, metrics)``."""
+    run_one = place.stream_step(step.make_train_step(per_example, tx))
+
+    def one(state, batch, rng):
+        zeros = place.replicate({k: np.zeros((), np.float32) for k in names["current"]})
+        return run_one(state, zeros, place.batch(len(batch["x"]), batch), rng)
+
+    return one
+
+
+names = {}
 
 
 def counting(per_example):
@@ -76,7 +99,7 @@ def main(rtol: float, atol: float) -> dict:
     masks = uneven_masks(d)
     tx = optax.adam(1e-2)
     rng = jax.random.PRNGKey(1)
-    mesh = parallel.make_mesh()
+    place = placement.Placement.create("sharded", d)
     mlp = models.MLPAutoencoder(input_shape=(16,), hidden=(8,), code_size=4, activation="tanh")
     vae = models.VAE(input_shape=(16,), hidden=(8,), latent_size=4)
     cases = {
@@ -88,53 +111,50 @@ def main(rtol: float, atol: float) -> dict:
     }
     out = {"devices": d, "cases": {}}
     for name, (model, objective, masked) in cases.items():
-        per_example = train.make_per_example_fn(model, objective)
+        per_example = step.make_per_example_fn(model, objective)
         params = random_params(model, jnp.asarray(xs[0]))
-        template = train.metrics_template(per_example, params, jnp.asarray(xs[0]))
+        names["current"] = step.metric_names(per_example, params, jnp.asarray(xs[0]))
         # A fresh copy each time: the parallel steps donate (delete) the state they are given.
-        fresh = lambda: train.TrainState.create(jax.tree.map(jnp.copy, params), tx, template)
+        fresh = lambda: step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
         batches = [dict(x=xs[i], **({"mask": masks[i]} if masked else {})) for i in range(NUM_STEPS)]
 
-        single = jax.jit(train.make_train_step(per_example, tx))
+        single = jax.jit(step.make_train_step(per_example, tx))
         ref, ref_metrics = run(single, fresh(), batches, rng, lambda b: b)
         # The pmap step draws per-shard noise; its single-device twin draws the same.
         pmap_ref, pmap_ref_metrics = ref, ref_metrics
         if name == "vae":
-            twin = jax.jit(train.make_train_step(parallel.shardwise(per_example, d), tx))
+            twin = jax.jit(step.make_train_step(step.shardwise(per_example, d), tx))
             pmap_ref, pmap_ref_metrics = run(twin, fresh(), batches, rng, lambda b: b)
 
         counted, pcalls = counting(per_example)
-        pstep = parallel.make_pmap_step(counted, tx)
-        pstate, pmetrics = run(pstep, parallel.replicate(fresh()), batches, rng,
-                               lambda b: parallel.shard_batch(b, d))
+        pstep = step.make_pmap_step(counted, tx)
+        pstate, pmetrics = run(pstep, stack(fresh(), d), batches, rng, lambda b: split(b, d))
         pmap_traces = pcalls["n"]
         leaves = jax.tree.leaves(jax.device_get(pstate.params))
         res = {"pmap": {
-            "params": allclose(parallel.unreplicate(pstate).params, pmap_ref.params, rtol, atol),
-            "metrics": allclose(parallel.unreplicate(pmetrics), pmap_ref_metrics, rtol, atol),
+            "params": allclose(first(pstate).params, pmap_ref.params, rtol, atol),
+            "metrics": allclose(first(pmetrics), pmap_ref_metrics, rtol, atol),
             "replicas_identical": all(bool(np.all(a == a[:1])) for a in leaves),
             "traces": pmap_traces}}
         if name == "vae":
-            again, _ = run(pstep, parallel.replicate(fresh()), batches, rng,
-                           lambda b: parallel.shard_batch(b, d))
+            again, _ = run(pstep, stack(fresh(), d), batches, rng, lambda b: split(b, d))
             res["pmap"]["reproducible"] = all(
                 bool(np.array_equal(a, b)) for a, b in zip(
                     jax.tree.leaves(jax.device_get(again.params)), leaves))
             res["pmap"]["max_abs_diff_to_whole_batch_noise"] = allclose(
-                parallel.unreplicate(pstate).params, ref.params, rtol, atol)["max_abs_diff"]
+                first(pstate).params, ref.params, rtol, atol)["max_abs_diff"]
             res["pmap"]["traces_after_rerun"] = pcalls["n"]
 
         counted, scalls = counting(per_example)
-        sstep = parallel.make_sharded_step(counted, tx, mesh)
-        sstate, smetrics = run(sstep, parallel.replicate_on(fresh(), mesh), batches, rng,
-                               lambda b: parallel.shard(b, mesh))
+        sstep = sharded_step(counted, tx, place)
+        sstate, smetrics = run(sstep, place.replicate(fresh()), batches, rng, lambda b: b)
         res["sharded"] = {"params": allclose(sstate.params, ref.params, rtol, atol),
                           "metrics": allclose(smetrics, ref_metrics, rtol, atol),
                           "traces": scalls["n"]}
         res["moved_from_init"] = allclose(ref.params, params, rtol, atol)["max_abs_diff"]
 
         if name == "bce":
-            res["padding"] = check_padding(single, ref, pstep, pstate, sstep, sstate, rng, mesh,
+            res["padding"] = check_padding(single, ref, pstep, pstate, sstep, sstate, rng, place,
                                            rtol, atol)
             res["pmap"]["traces_after_padding"] = pcalls["n"]
             res["sharded"]["traces_after_padding"] = scalls["n"]
@@ -143,33 +163,33 @@ def main(rtol: float, atol: float) -> dict:
     return out
 
 
-def check_padding(single, ref, pstep, pstate, sstep, sstate, rng, mesh, rtol, atol) -> dict:
+def check_padding(single, ref, pstep, pstate, sstep, sstate, rng, place, rtol, atol) -> dict:
     """A 60-example batch: refused as is; padded to 64 with mask 0, exact against 60 on one device."""
     d = jax.device_count()
     x60 = np.random.default_rng(3).random((60, 16), dtype=np.float32)
     errors = {}
-    for where, call in (("shard_batch", lambda: parallel.shard_batch({"x": x60}, d)),
-                        ("shard", lambda: parallel.shard({"x": x60}, mesh)),
+    for where, call in (("placement_batch", lambda: place.batch(60, {"x": x60})),
                         ("sharded_step", lambda: sstep(sstate, {"x": x60}, rng))):
         try:
             call()
             errors[where] = None
         except ValueError as e:
             errors[where] = str(e)
-    padded = parallel.pad_to_multiple({"x": x60}, d)
+    x64, mask = batching.pad_rows(x60, d)
+    padded = {"x": x64, "mask": mask}
     want, want_metrics = single(ref, {"x": x60}, rng)
-    pstate, pmetrics = pstep(pstate, parallel.shard_batch(padded, d), rng)
-    sstate, smetrics = sstep(sstate, parallel.shard(padded, mesh), rng)
+    pstate, pmetrics = pstep(pstate, split(padded, d), rng)
+    sstate, smetrics = sstep(sstate, padded, rng)
     return {"errors": errors, "padded_size": int(padded["x"].shape[0]),
-            "pmap": allclose(parallel.unreplicate(pstate).params, want.params, rtol, atol),
-            "pmap_metrics": allclose(parallel.unreplicate(pmetrics), want_metrics, rtol, atol),
+            "pmap": allclose(first(pstate).params, want.params, rtol, atol),
+            "pmap_metrics": allclose(first(pmetrics), want_metrics, rtol, atol),
             "sharded": allclose(sstate.params, want.params, rtol, atol),
             "sharded_metrics": allclose(smetrics, want_metrics, rtol, atol)}
 
 
 def loop_config(**overrides):
     """A short run: 2 epochs of 4 global batches of 64, checkpoints mid-epoch, padded evaluation."""
-    c = train.default_config()
+    c = run_config.default_config()
     c.model.update(input_shape=(16,), hidden=(8,), code_size=4, activation="tanh")
     c.update(num_epochs=2, batch_size=BATCH, eval_batch_size=30, log_every_steps=3,
              checkpoint_every_steps=3, keep_checkpoints=10, progress=False, figures=False,
@@ -204,27 +224,24 @@ def final_params(workdir):
 def loop_checks(rtol: float, atol: float, root: str) -> dict:
     """``train_and_evaluate`` with parallel none, sharded and pmap: same parameters, one trace."""
     splits = loop_splits()
-    traces = {"step": 0, "device_step": 0}
-    make_step, make_device = train.make_train_step, parallel.make_device_step
+    traces = {"step": 0}
+    make_step = trainer.make_train_step
 
-    def counted(name, maker):
-        def make(*args, **kwargs):
-            inner = maker(*args, **kwargs)
+    def counted(*args, **kwargs):
+        inner = make_step(*args, **kwargs)
 
-            def step(*a):
-                traces[name] += 1  # runs only while tracing
-                return inner(*a)
-            return step
-        return make
+        def traced(*a):
+            traces["step"] += 1  # runs only while tracing
+            return inner(*a)
+        return traced
 
-    train.make_train_step = counted("step", make_step)
-    parallel.make_device_step = counted("device_step", make_device)
+    trainer.make_train_step = counted
     out, out_params = {}, {}
 
     def run(name, **overrides):
         before = dict(traces)
         workdir = os.path.join(root, name)
-        summary = train.train_and_evaluate(loop_config(**overrides), workdir, splits=splits)
+        summary = trainer.train_and_evaluate(loop_config(**overrides), workdir, splits=splits)
         params, meta = final_params(workdir)
         out_params[name] = params
         out[name] = {"traces": sum(traces.values()) - sum(before.values()), "test": summary["test"],
@@ -252,10 +269,10 @@ def loop_checks(rtol: float, atol: float, root: str) -> dict:
         out[name]["params_bitwise"] = all(bool(np.array_equal(a, b)) for a, b in zip(
             jax.tree.leaves(params), jax.tree.leaves(want)))
     out["noise_moved_params"] = allclose(out_params["none_noisy"], ref, rtol, atol)["max_abs_diff"]
-    init = models.init(train.build_experiment(loop_config(), splits).model,
+    init = models.init(trainer.build_experiment(loop_config(), splits).model,
                        jax.random.split(jax.random.PRNGKey(0), 4)[0], jnp.asarray(splits.train[0][:BATCH]))
     out["moved_from_init"] = allclose(ref, init, rtol, atol)["max_abs_diff"]
-    out["auto_mode"] = train.resolve_parallel(loop_config())
+    out["auto_mode"] = run_config.resolve_parallel(loop_config())
 
     # An interrupted pmap run: its checkpoint after step 3 (the run's later ones removed).
     pmap_ref, _ = final_params(os.path.join(root, "pmap"))
@@ -266,20 +283,20 @@ def loop_checks(rtol: float, atol: float, root: str) -> dict:
             if name.isdigit() and int(name) > 3:
                 shutil.rmtree(os.path.join(ckdir, name))
     try:
-        train.train_and_evaluate(loop_config(parallel="sharded"),
+        trainer.train_and_evaluate(loop_config(parallel="sharded"),
                                  os.path.join(root, "pmap_interrupted"), splits=splits)
         out["pmap_resumed_as_sharded"] = None
-    except train.ConfigError as e:
+    except run_config.ConfigError as e:
         out["pmap_resumed_as_sharded"] = str(e)
     params, _ = run("pmap_interrupted", parallel="pmap")
     out["pmap_interrupted"]["params_equal_uninterrupted"] = all(
         bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pmap_ref)))
     try:
-        train.build_experiment(loop_config(parallel="sharded", batch_size=60), splits)
+        trainer.build_experiment(loop_config(parallel="sharded", batch_size=60), splits)
         out["batch_60"] = None
-    except train.ConfigError as e:
+    except run_config.ConfigError as e:
         out["batch_60"] = str(e)
-    train.make_train_step, parallel.make_device_step = make_step, make_device
+    trainer.make_train_step = make_step
     return out
 
 

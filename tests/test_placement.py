@@ -1,6 +1,6 @@
-"""Tests of aejax.parallel: the pmap and sharded steps equal the single-device step.
+"""Tests of aejax.runtime.placement: the pmap and sharded steps equal the single-device step.
 
-The 8-device checks run tests/parallel_check.py in a subprocess, because the CPU device count is
+The 8-device checks run tests/placement_check.py in a subprocess, because the CPU device count is
 fixed when JAX starts and the rest of this session keeps 1 device.
 """
 
@@ -15,8 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from aejax import models, objectives, parallel, train
-from parallel_check import random_params  # tests/ is on sys.path, as for conftest
+from aejax import models, objectives, step
+from aejax.runtime import config as run_config
+from aejax.runtime import placement, trainer
+from placement_check import first, random_params, split, stack  # tests/ is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,7 @@ def eight_devices(loop_root) -> dict:
     flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "parallel_check.py"),
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "placement_check.py"),
                            str(RTOL), str(ATOL), str(loop_root)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,7 +85,7 @@ def test_non_divisible_batch_is_refused_or_padded_exactly(eight_devices):
     pad = eight_devices["cases"]["bce"]["padding"]
     for where, message in pad["errors"].items():
         assert message is not None, f"{where} accepted a batch of 60 on 8 devices"
-        assert "60 examples" in message and "8 devices" in message and "pad_to_multiple" in message
+        assert "60 examples" in message and "8 devices" in message and "pad_rows" in message
     assert pad["padded_size"] == 64
     for key in ("pmap", "pmap_metrics", "sharded", "sharded_metrics"):
         assert pad[key]["allclose"], (key, pad[key])
@@ -142,10 +144,10 @@ def test_interrupted_pmap_run_resumes_only_as_pmap_on_as_many_devices(eight_devi
     assert message is not None and "parallel='pmap' on 8 devices" in message
     assert loop["pmap_interrupted"]["params_equal_uninterrupted"]
     # Here, with one device: refused before anything is trained.
-    from parallel_check import loop_config, loop_splits
+    from placement_check import loop_config, loop_splits
 
-    with pytest.raises(train.ConfigError, match="parallel='pmap' on 8 devices.*on 1"):
-        train.train_and_evaluate(loop_config(parallel="pmap"), str(loop_root / "pmap_interrupted_8"),
+    with pytest.raises(run_config.ConfigError, match="parallel='pmap' on 8 devices.*on 1"):
+        trainer.train_and_evaluate(loop_config(parallel="pmap"), str(loop_root / "pmap_interrupted_8"),
                                  splits=loop_splits())
 
 
@@ -153,23 +155,24 @@ def test_interrupted_pmap_run_resumes_only_as_pmap_on_as_many_devices(eight_devi
 
 
 def test_parallel_mode_is_checked_and_auto_is_none_on_one_device(small_splits):
-    from parallel_check import loop_config
+    from placement_check import loop_config
 
-    assert train.resolve_parallel(loop_config()) == ("none", 1)
-    with pytest.raises(train.ConfigError, match="Unknown parallel 'dp'"):
-        train.build_experiment(loop_config(parallel="dp"), small_splits)
+    assert run_config.resolve_parallel(loop_config()) == ("none", 1)
+    with pytest.raises(run_config.ConfigError, match="Unknown parallel 'dp'"):
+        trainer.build_experiment(loop_config(parallel="dp"), small_splits)
 
 
 def test_one_device_steps_equal_single_device_step():
+    """jax.pmap, and the loop's sharded and per-device steps, on one device = the jitted step."""
     x = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
     mask = np.ones((3, 16), np.float32)
     mask[1, :5] = 0.0
     model = models.MLPAutoencoder(input_shape=(16,), hidden=(8,), code_size=4, activation="tanh")
-    per_example = train.make_per_example_fn(model, objectives.build("bce", {}))
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}))
     tx = optax.adam(1e-2)
     params = random_params(model, jnp.asarray(x[0]))
-    template = train.metrics_template(per_example, params, jnp.asarray(x[0]))
-    fresh = lambda: train.TrainState.create(jax.tree.map(jnp.copy, params), tx, template)
+    names = step.metric_names(per_example, params, jnp.asarray(x[0]))
+    fresh = lambda: step.TrainState.create(jax.tree.map(jnp.copy, params), tx)
     batches = [{"x": x[i], "mask": mask[i]} for i in range(3)]
     rng = jax.random.PRNGKey(1)
     calls = {"n": 0}
@@ -178,39 +181,35 @@ def test_one_device_steps_equal_single_device_step():
         calls["n"] += 1
         return per_example(*args)
 
-    single = jax.jit(train.make_train_step(per_example, tx))
-    pstep = parallel.make_pmap_step(counted, tx)
-    mesh = parallel.make_mesh(1)
-    sstep = parallel.make_sharded_step(counted, tx, mesh)
-    ref, pstate, sstate = fresh(), parallel.replicate(fresh(), 1), parallel.replicate_on(fresh(), mesh)
+    single = jax.jit(step.make_train_step(per_example, tx))
+    pstep = step.make_pmap_step(counted, tx)
+    ref, pstate = fresh(), stack(fresh(), 1)
+    loops = {}
+    for mode in ("sharded", "pmap"):
+        place = placement.Placement.create(mode, 1)
+        body = step.make_train_step(counted, tx, axis_name="data" if mode == "pmap" else None)
+        loops[mode] = (place, place.stream_step(body), place.replicate(fresh()))
+    got = {}
     for b in batches:
         ref, ref_metrics = single(ref, b, rng)
-        pstate, pmetrics = pstep(pstate, parallel.shard_batch(b, 1), rng)
-        sstate, smetrics = sstep(sstate, parallel.shard(b, mesh), rng)
-    assert calls["n"] == 2  # one trace each
-    for got, metrics in ((parallel.unreplicate(pstate), parallel.unreplicate(pmetrics)),
-                         (sstate, smetrics)):
-        assert int(got.step) == 3
-        for a, b in zip(jax.tree.leaves((got.params, metrics)), jax.tree.leaves((ref.params, ref_metrics))):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+        pstate, pmetrics = pstep(pstate, split(b, 1), rng)
+        got["jax.pmap"] = (first(pstate), first(pmetrics))
+        for mode, (place, run, state) in loops.items():
+            zeros = place.replicate({k: np.zeros((), np.float32) for k in names})
+            state, metrics = run(state, zeros, place.batch(16, b), rng)
+            loops[mode] = (place, run, state)
+            got[mode] = (state, metrics)
+    assert calls["n"] == 3  # one trace each
+    for name, (state, metrics) in got.items():
+        assert int(state.step) == 3, name
+        for a, b in zip(jax.tree.leaves((state.params, metrics)),
+                        jax.tree.leaves((ref.params, ref_metrics))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL,
+                                       err_msg=name)
 
 
-def test_pad_to_multiple_keeps_rows_and_masks_padding():
-    batch = {"x": np.ones((5, 3), np.float32), "mask": np.array([1, 0, 1, 1, 1], np.float32)}
-    padded = parallel.pad_to_multiple(batch, 4)
-    assert padded["x"].shape == (8, 3)
-    np.testing.assert_array_equal(padded["mask"], [1, 0, 1, 1, 1, 0, 0, 0])
-    np.testing.assert_array_equal(padded["x"][5:], 0.0)
-    assert parallel.pad_to_multiple({"x": np.ones((8, 3))}, 4)["mask"].tolist() == [1.0] * 8
-
-
-def test_shard_batch_shapes_and_errors():
-    batch = {"x": np.zeros((12, 3), np.float32), "mask": np.ones(12, np.float32)}
-    shards = parallel.shard_batch(batch, 4)
-    assert shards["x"].shape == (4, 3, 3) and shards["mask"].shape == (4, 3)
-    with pytest.raises(ValueError, match="12 examples does not split evenly over 8 devices"):
-        parallel.shard_batch(batch, 8)
-    with pytest.raises(ValueError, match="different leading sizes"):
-        parallel.shard_batch({"x": np.zeros((12, 3)), "mask": np.ones(8)}, 4)
+def test_placement_refuses_too_many_devices_and_uneven_batches():
     with pytest.raises(ValueError, match="available"):
-        parallel.make_mesh(jax.device_count() + 1)
+        placement.Placement.create("sharded", jax.device_count() + 1)
+    with pytest.raises(ValueError, match="Unknown parallel mode 'dp'"):
+        placement.Placement.create("dp", 1)
