@@ -183,9 +183,10 @@ def make_pmap_step(per_example: PerExampleFn, tx: optax.GradientTransformation, 
                    axis_name: str = "batch"):
     """:func:`make_train_step`'s per-device body under ``jax.pmap``, for scripts that use it.
 
-    The state and every batch entry carry a leading device axis (``(D, B / D, ...)``; place the
-    state with ``jax.device_put_replicated`` or ``flax.jax_utils.replicate``); ``rng`` is one key,
-    not replicated. The state is donated; every device's copy of the result is equal.
+    The state and every batch entry carry a leading device axis (``(D, B / D, ...)``); place the
+    state as ``jax.pmap`` places its outputs, e.g. with ``flax.jax_utils.replicate``, or the
+    second call retraces. ``rng`` is one key, not replicated. The state is donated; every
+    device's copy of the result is equal.
     """
     return jax.pmap(make_train_step(per_example, tx, axis_name=axis_name), axis_name=axis_name,
                     in_axes=(0, 0, None), donate_argnums=(0,))

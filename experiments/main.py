@@ -34,7 +34,7 @@ def main(argv):
     ours.propagate = False
     # Imported here so that --help and flag errors come back without loading JAX.
     from aejax.data import offline
-    from aejax.runtime import checkpoints, config, distributed, stacking
+    from aejax.runtime import checkpoints, config, distributed, lock, stacking, trainer
     from aejax.step import NonFiniteLossError
 
     try:
@@ -49,8 +49,11 @@ def main(argv):
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)
+    except trainer.Preempted as e:  # the checkpoint is saved: status 128 + signal, as a shell says
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (config.ConfigError, offline.DataError, NonFiniteLossError,
-            checkpoints.CheckpointError, OSError) as e:
+            checkpoints.CheckpointError, lock.WorkdirLockedError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if FLAGS.config.distributed.process_id != 0:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aejax import vae
+from aejax import models, vae
 from aejax.runtime.config import default_config
 from experiments import probes, repro_vae
 

@@ -62,9 +62,9 @@ def train_sparse(kind: str, weight: float, x_train: np.ndarray, *, epochs: int,
                  learning_rate: float = 1e-3, seed: int = SEED) -> tuple[Any, Any, Any]:
     """Trains one point of the sweep; returns ``(model, params, per_example)``."""
     model, terms = make_setting(kind, weight, input_dim=x_train.shape[1])
-    objectives.check_compatible(model, terms)
-    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
+    objectives.check_compatible(model, params, jnp.asarray(x_train[:256]), terms)
+    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
     params, _ = fit(per_example, params, optax.adam(learning_rate), x_train, epochs=epochs, seed=seed)
     return model, params, per_example
 

@@ -2,8 +2,13 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
+
+# Float32 matrix products in float32, on every backend: GPUs default to TF32 (10-bit mantissa),
+# which the suite's float32 tolerances (compared with NumPy) do not allow for. No effect on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 from aejax.data import offline
 from aejax.data import splits as data_splits

@@ -53,8 +53,17 @@ def run(step_fn, state, batches, rng, place):
     return state, metrics
 
 
-# jax.pmap's layout: a leading device axis on the state and on every batch entry.
-stack = lambda tree, d: jax.tree.map(lambda a: np.stack([np.asarray(a)] * d), tree)
+def stack(tree, d):
+    """One copy of ``tree`` per device on a leading axis, placed as ``jax.pmap`` places its
+    outputs (so the second call of a pmapped step does not retrace)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.array(jax.local_devices()[:d]), ("batch",)),
+                             PartitionSpec("batch"))
+    return jax.device_put(jax.tree.map(lambda a: np.stack([np.asarray(a)] * d), tree), sharding)
+
+
+# jax.pmap's layout: a leading device axis on every batch entry.
 split = lambda batch, d: {k: np.asarray(v).reshape((d, -1) + np.shape(v)[1:]) for k, v in batch.items()}
 first = lambda tree: jax.tree.map(lambda a: a[0], tree)
 

@@ -110,7 +110,9 @@ def test_code_statistics_against_numpy():
 def test_sparse_settings_and_the_l1_penalty_lowers_mean_activation():
     for kind in ("l1", "kl"):
         model, terms = repro_sparse.make_setting(kind, 1.0, input_dim=64)
-        objectives.check_compatible(model, terms)  # KL needs sigmoid units: must not raise
+        x = jnp.asarray(low_rank_images(32))
+        params = models.init(model, jax.random.PRNGKey(0), x)
+        objectives.check_compatible(model, params, x, terms)  # KL needs sigmoid units
     with pytest.raises(ValueError, match="Unknown sparsity"):
         repro_sparse.make_setting("l2", 1.0)
     x = low_rank_images(512)

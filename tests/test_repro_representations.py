@@ -78,8 +78,10 @@ def test_representation_configs_build():
     for kind in rep.REPRESENTATIONS:
         c = rep.representation_config(kind, hidden_size=8, epochs=1)
         run_config.check_config(c)
-        model = models.create("mlp", **{k: v for k, v in c.model.items() if k != "name"})
-        objectives.check_compatible(model, {k: dict(v) for k, v in c.loss.terms.items()})
+        model = models.from_config(c.model)
+        x = jnp.asarray(np.random.default_rng(0).random((16, 784)), jnp.float32)
+        objectives.check_compatible(model, models.init(model, jax.random.PRNGKey(0), x), x,
+                                    {k: dict(v) for k, v in c.loss.terms.items()})
     assert rep.representation_config("ae_wd", hidden_size=8, epochs=1).optimizer.weight_decay > 0
     with pytest.raises(ValueError, match="Unknown representation"):
         rep.representation_config("rbm", hidden_size=8, epochs=1)

@@ -347,36 +347,95 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_killed_run_resumes_to_the_same_parameters(small_splits, tmp_path):
-    """SIGKILL mid-run, then resume: bitwise the parameters of an uninterrupted run."""
-    epochs = 12
-    ref = tmp_path / "ref"
-    c = small_config(num_epochs=epochs, checkpoint_every_steps=3)
-    trainer.train_and_evaluate(c, str(ref), splits=small_splits)
-    ref_params, ref_step = params_of(str(ref))
+def metrics_lines(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
-    work = tmp_path / "work"
+
+def assert_same_metrics(got, want):
+    """The same lines in the same order: every step once, every value to float tolerance."""
+    assert [(l["step"], l["split"]) for l in got] == [(l["step"], l["split"]) for l in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], str):
+                assert a[k] == b[k]
+            else:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=f"step {a['step']} {k}")
+
+
+def interrupt(tmp_path, work, epochs, sig, after_step):
+    """Starts RUN_SCRIPT in ``work`` and sends ``sig`` once a checkpoint reaches ``after_step``."""
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(tests=os.path.dirname(__file__)))
     proc = subprocess.Popen([sys.executable, str(script), str(work), str(epochs)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckdir = work / "checkpoints"
     deadline = time.time() + 120
-    killed_after = None
+    sent = None
     while time.time() < deadline and proc.poll() is None:
         steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
-        if steps and max(steps) >= 20:
-            proc.send_signal(signal.SIGKILL)
-            killed_after = max(steps)
+        if steps and max(steps) >= after_step:
+            proc.send_signal(sig)
+            sent = max(steps)
             break
         time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert killed_after is not None, "the run ended before it could be killed"
-    assert killed_after < ref_step
+    _, err = proc.communicate(timeout=60)
+    assert sent is not None, "the run ended before the signal could be sent"
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_splits, tmp_path_factory):
+    """The reference: 12 epochs with a checkpoint every 3 steps, never interrupted."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    c = small_config(num_epochs=12, checkpoint_every_steps=3)
+    summary = trainer.train_and_evaluate(c, str(ref), splits=small_splits)
+    return c, summary, params_of(str(ref)), metrics_lines(ref)
+
+
+def test_killed_run_resumes_to_the_same_parameters_and_logs(small_splits, tmp_path, uninterrupted):
+    """SIGKILL mid-run, then resume: bitwise the parameters, and line for line the metrics, of
+    an uninterrupted run (the log is flushed at every checkpoint; the train means of the steps
+    since the last log line are in the checkpoint)."""
+    c, ref_summary, (ref_params, ref_step), ref_lines = uninterrupted
+    work = tmp_path / "work"
+    code, _ = interrupt(tmp_path, work, 12, signal.SIGKILL, after_step=20)
+    assert code == -signal.SIGKILL
+    assert max(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()) < ref_step
     summary = trainer.train_and_evaluate(c, str(work), splits=small_splits)
     assert summary["steps"] == ref_step
-    got, _ = params_of(str(work))
-    assert_trees_equal(got, ref_params)
+    assert_trees_equal(params_of(str(work))[0], ref_params)
+    assert_same_metrics(metrics_lines(work), ref_lines)
+    assert summary["test"] == ref_summary["test"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signalled_run_saves_stops_and_resumes_bitwise(small_splits, tmp_path, uninterrupted, sig):
+    """SIGTERM (a preemption) or SIGINT: the run stops at the next step boundary with a
+    checkpoint of that step, and resumes to the uninterrupted run's parameters and log."""
+    c, ref_summary, (ref_params, ref_step), ref_lines = uninterrupted
+    work = tmp_path / "work"
+    code, err = interrupt(tmp_path, work, 12, sig, after_step=20)
+    assert code != 0 and f"Stopped by {signal.Signals(sig).name} at step" in err
+    stopped_at = int(err.split(" at step ")[1].split(":")[0])
+    assert stopped_at < ref_step
+    assert stopped_at in [int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()]
+    assert all(l["step"] <= stopped_at for l in metrics_lines(work))
+    summary = trainer.train_and_evaluate(c, str(work), splits=small_splits)
+    assert summary["steps"] == ref_step
+    assert_trees_equal(params_of(str(work))[0], ref_params)
+    assert_same_metrics(metrics_lines(work), ref_lines)
+
+
+def test_a_second_run_in_a_held_workdir_fails_at_once(small_splits, tmp_path):
+    from aejax.runtime import lock
+
+    with lock.WorkdirLock(str(tmp_path)):
+        t = time.time()
+        with pytest.raises(lock.WorkdirLockedError, match=rf"in use by process {os.getpid()} on"):
+            trainer.train_and_evaluate(small_config(), str(tmp_path), splits=small_splits)
+        assert time.time() - t < 5
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
 
 
 # --------------------------------------------------------------------------- errors

@@ -8,10 +8,13 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -24,6 +27,7 @@ import optax
 from aejax import corruptions, models, objectives, pca
 from aejax.data import batching, offline, splits as splits_lib
 from aejax.runtime import checkpoints, distributed
+from aejax.runtime.lock import WorkdirLock
 from aejax.runtime.config import (ConfigError, build_optimizer, check_config, data_options,
                                   resolve_parallel, start_distributed)
 from aejax.runtime.placement import Placement, prefetch_to_device
@@ -122,6 +126,9 @@ class Progress:
       stopped_early: early stopping ended it.
       train_seconds: wall time spent training, over every resume.
       history: one row per epoch: train means and validation metrics.
+      window_steps: steps summed in the checkpointed metric accumulator since the last log line.
+      epoch_sums, epoch_steps: the current epoch's logged train means times their step counts,
+        and those steps, so an epoch's averages count every step across a resume.
       parallel, num_devices, num_processes: how the run was placed (pmap runs resume only on
         the same placement).
     """
@@ -134,6 +141,9 @@ class Progress:
     stopped_early: bool = False
     train_seconds: float = 0.0
     history: tuple = ()
+    window_steps: int = 0
+    epoch_sums: dict = dataclasses.field(default_factory=dict)
+    epoch_steps: int = 0
     parallel: str = "none"
     num_devices: int = 1
     num_processes: int = 1
@@ -156,13 +166,65 @@ class Progress:
         bad = 0 if improved else self.bad_epochs + 1
         stopped = bool(cfg.early_stopping_patience and bad >= cfg.early_stopping_patience)
         return dataclasses.replace(
-            self, epoch=epoch, history=self.history + (row,), bad_epochs=bad,
+            self, epoch=epoch, history=self.history + (row,), bad_epochs=bad, window_steps=0,
+            epoch_sums={}, epoch_steps=0,
             best_validation=monitored if improved else best,
             best_epoch=epoch if improved else self.best_epoch,
             finished=stopped or epoch >= cfg.num_epochs, stopped_early=stopped), improved
 
 
 # --------------------------------------------------------------------------- the trainer
+
+
+class Preempted(RuntimeError):
+    """The run stopped on a signal (SIGTERM, SIGINT) after saving a verified checkpoint.
+
+    Attributes:
+      signum: the signal; a process ends with status ``128 + signum``, as a shell reports it.
+      step: the step of the checkpoint it saved.
+    """
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
+
+
+class _StopOnSignal:
+    """Turns SIGTERM and SIGINT into a request the loop reads at its next step boundary.
+
+    A second signal of either kind while the first is being honoured ends the process the
+    default way. Handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, handler in self._previous.items():  # the next one is not caught
+            signal.signal(s, handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def requested(self) -> Optional[int]:
+        """The signal asked for, agreed on by every process (one asking is enough)."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+
+        asked = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(asked)) or None
 
 
 def _nonfinite_error(bad_step: int, sums: dict, last_good: Optional[int],
@@ -260,11 +322,14 @@ class Trainer:
             self.run_steps = self.place.stream_step(step_fn)
         self.evaluate = jax.jit(make_evaluate(exp.per_example))
         self.param_norm = jax.jit(optax.tree.norm)  # at log steps only: not worth it every step
+        self.acc = self._new_acc()  # metric sums of the steps since the last log line
+        self.stop = _StopOnSignal()
+        self.metrics_file = None
 
     # -- helpers
 
     def _checkpointed(self, state) -> dict:
-        return {"state": state, "best_params": self.best_params}
+        return {"state": state, "best_params": self.best_params, "acc": self.acc}
 
     def _new_acc(self):
         # A fresh accumulator each time: the step donates (and so deletes) the one it is given.
@@ -276,6 +341,12 @@ class Trainer:
             raise _nonfinite_error(bad_step, self.place.fetch(acc), self.last_good, self.ckpt_dir)
 
     def _save(self, step: int) -> None:
+        """A checkpoint of everything at ``step``, the logs flushed first: a resumed run then
+        finds every line up to its checkpoint, and drops the ones after it."""
+        if self.metrics_file is not None:
+            self.metrics_file.flush()
+        self.progress = dataclasses.replace(
+            self.progress, train_seconds=self.progress.train_seconds + self._lap())
         self.ckpts.save(step, self._checkpointed(self.state), self.progress.to_json())
         self.last_good = step
 
@@ -288,8 +359,12 @@ class Trainer:
     def restore(self) -> None:
         """Continues from the newest checkpoint, or starts afresh (dropping old metrics)."""
 
-        def target(on_disk):  # earlier versions saved a bad_metrics entry in the state
+        def target(on_disk):  # earlier versions: no accumulator; a bad_metrics entry in the state
             tree = self._checkpointed(self.state)
+            try:
+                on_disk["acc"]
+            except (KeyError, TypeError):
+                tree = {k: v for k, v in tree.items() if k != "acc"}
             try:
                 old = on_disk["state"]["bad_metrics"]
             except (KeyError, TypeError):
@@ -314,6 +389,10 @@ class Trainer:
             state = TrainState(**{k: v for k, v in state.items() if k != "bad_metrics"})
         self.state = self.place.replicate(state)
         self.best_params = self.place.replicate(tree["best_params"])
+        if "acc" in tree:
+            self.acc = self.place.replicate(tree["acc"])
+        else:  # earlier versions kept no accumulator: its steps are not in the next log line
+            progress = dataclasses.replace(progress, window_steps=0)
         self.progress = dataclasses.replace(progress, parallel=self.exp.parallel,
                                             num_devices=self.exp.num_devices,
                                             num_processes=jax.process_count())
@@ -341,11 +420,14 @@ class Trainer:
         for index in range(first, self.exp.steps_per_epoch):
             yield self.place.batch(bs, {"x": x[perm[index * bs:(index + 1) * bs][rows]]})
 
-    def train_epoch(self, metrics_file, progress_bar) -> dict:
+    def train_epoch(self, progress_bar) -> dict:
         """Trains the rest of the current epoch; logs and checkpoints on the way.
 
         Returns:
-          The epoch's train means (over the steps this process ran of it).
+          The epoch's train means (over every step of it, across resumes).
+
+        Raises:
+          Preempted: a signal asked the run to stop; a checkpoint of this step was saved.
         """
         cfg, spe = self.cfg, self.exp.steps_per_epoch
         epoch, step = self.progress.epoch, self.step
@@ -353,34 +435,44 @@ class Trainer:
         perm = self.place.permutation(self.data_rng, len(self.exp.splits.train[0]), epoch)
         if not self.on_device:  # the same order as on the device
             batches = prefetch_to_device(self._host_batches(np.asarray(perm), index), PREFETCH)
-        acc, count = self._new_acc(), 0
-        totals, total_count = {}, 0
+        p = self.progress
+        count, totals, total_count = p.window_steps, dict(p.epoch_sums), p.epoch_steps
         while index < spe:
             if self.on_device:  # every step up to the next log, checkpoint or epoch end
                 n = min(spe - index, cfg.log_every_steps - step % cfg.log_every_steps,
                         cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
-                self.state, acc = self.run_steps(self.state, acc, self.x_train, perm, n,
-                                                 self.train_rng)
+                self.state, self.acc = self.run_steps(self.state, self.acc, self.x_train, perm, n,
+                                                      self.train_rng)
             else:
                 n = 1
-                self.state, acc = self.run_steps(self.state, acc, next(batches), self.train_rng)
+                self.state, self.acc = self.run_steps(self.state, self.acc, next(batches),
+                                                      self.train_rng)
             step, count, index = step + n, count + n, index + n
             progress_bar.update(n)
             if step % cfg.log_every_steps == 0 or index == spe:
-                self._check_finite(acc)
-                means = {k: float(v) / count for k, v in self.place.fetch(acc).items()}
+                self._check_finite(self.acc)
+                means = {k: float(v) / count for k, v in self.place.fetch(self.acc).items()}
                 means["param_norm"] = float(self.place.fetch(self.param_norm(self.state.params)))
-                metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
+                self.metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
                 progress_bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
                 totals = {k: totals.get(k, 0.0) + means[k] * count for k in means}
                 total_count += count
-                acc, count = self._new_acc(), 0
-            if step % cfg.checkpoint_every_steps == 0 and index < spe:
-                self._check_finite(acc)
-                self.progress = dataclasses.replace(
-                    self.progress, train_seconds=self.progress.train_seconds + self._lap())
+                self.acc, count = self._new_acc(), 0
+            signum = self.stop.requested()
+            if (step % cfg.checkpoint_every_steps == 0 or signum) and index < spe:
+                self._check_finite(self.acc)
+                self.progress = dataclasses.replace(self.progress, window_steps=count,
+                                                    epoch_sums=totals, epoch_steps=total_count)
                 self._save(step)
+            if signum and index < spe:
+                raise self._preempted(signum, step)
         return {k: v / max(total_count, 1) for k, v in totals.items()}
+
+    def _preempted(self, signum: int, step: int) -> Preempted:
+        self.ckpts.close()  # waits for the write: the checkpoint is complete on disk
+        return Preempted(
+            f"Stopped by {signal.Signals(signum).name} at step {step}: a checkpoint of that step "
+            f"is in {self.ckpt_dir}. Run the same command again to resume from it.", signum, step)
 
     def validate(self) -> dict:
         """Validation metrics of the current parameters (masked means over the whole split)."""
@@ -396,8 +488,6 @@ class Trainer:
         self.progress, improved = self.progress.after_epoch(row, val[self.cfg.monitor], self.cfg)
         if improved:
             self.best_params = jax.tree.map(jnp.copy, self.state.params)
-        self.progress = dataclasses.replace(
-            self.progress, train_seconds=self.progress.train_seconds + self._lap())
         self._save(self.step)
 
     def _lap(self) -> float:
@@ -406,7 +496,11 @@ class Trainer:
         return lap
 
     def fit(self) -> None:
-        """The loop: epochs of training and validation until the run is finished."""
+        """The loop: epochs of training and validation until the run is finished.
+
+        Raises:
+          Preempted: SIGTERM or SIGINT arrived; the run saved a checkpoint and stopped.
+        """
         cfg, exp = self.cfg, self.exp
         from tqdm.auto import tqdm
 
@@ -414,14 +508,18 @@ class Trainer:
                    dynamic_ncols=True, disable=not (cfg.progress and self.primary))
         self._val = self.place.eval_batches(exp.splits.validation[0], self.eval_bs)
         self._t = time.time()
-        with open(self.metrics_path if self.primary else os.devnull, "a") as metrics_file:
+        with open(self.metrics_path if self.primary else os.devnull, "a") as self.metrics_file, \
+                self.stop:
             while not self.progress.finished and self.progress.epoch < cfg.num_epochs:
-                train_means = self.train_epoch(metrics_file, bar)
+                train_means = self.train_epoch(bar)
                 val = self.validate()
-                metrics_file.write(json.dumps({"step": self.step, "epoch": self.progress.epoch + 1,
-                                               "split": "validation", **val}) + "\n")
-                metrics_file.flush()
+                self.metrics_file.write(json.dumps({"step": self.step, "epoch": self.progress.epoch + 1,
+                                                    "split": "validation", **val}) + "\n")
                 self.end_epoch(train_means, val)
+                signum = self.stop.requested()
+                if signum and not self.progress.finished:
+                    raise self._preempted(signum, self.step)
+        self.metrics_file = None
         bar.close()
         self.ckpts.close()
 
@@ -459,6 +557,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       metrics and the run's facts, without the PCA baseline and figures).
 
     Raises:
+      Preempted: SIGTERM or SIGINT stopped the run at a step boundary after it saved a
+        checkpoint of that step; running again resumes from it.
+      WorkdirLockedError: another live run holds ``workdir``.
       distributed.PeerLostError: another process of the run stopped (after it, exit without
         ``jax.distributed.shutdown``: see :func:`aejax.runtime.distributed.exit_without_shutdown`).
     """
@@ -466,6 +567,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_config(config)
     start_distributed(config)
     workdir = _check_workdir(workdir)
+    # One writer per workdir (process 0 holds it for all the processes of a run).
+    with (WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
+        return _run(config, workdir, splits, init_params)
+
+
+def _run(config, workdir, splits, init_params) -> dict:
     exp = build_experiment(config, splits)
     trainer = Trainer(exp, workdir, init_params=init_params)
     (x_train, _), (x_val, _), (x_test, _) = exp.splits
