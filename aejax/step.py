@@ -25,6 +25,13 @@ PerExampleFn = Callable[[Any, Mapping[str, Array], Array, Array], tuple[Array, d
 class NonFiniteLossError(FloatingPointError):
     """The loss (or one of its terms) became NaN or infinite."""
 
+    @classmethod
+    def at(cls, step: int, metrics: Mapping[str, Any], advice: str = "") -> "NonFiniteLossError":
+        """The error for ``step``, naming the metrics of that step that are not finite."""
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+        return cls(f"Non-finite loss at step {step} (non-finite: {', '.join(bad)})."
+                   + (f" {advice}" if advice else ""))
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -126,13 +126,34 @@ def test_pad_rows_under_jit():
     np.testing.assert_array_equal(mask, want_mask)
 
 
-def test_fits_on_device():
-    assert batching.fits_on_device(1 << 20)
-    assert not batching.fits_on_device(1 << 50)
-    if jax.default_backend() == "cpu":
-        assert not batching.fits_on_device(5 * 2**30)
-    with pytest.raises(offline.DataError):
-        batching.fits_on_device(10, fraction=0.0)
+class FakeDevice:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        if isinstance(self.stats, Exception):
+            raise self.stats
+        return self.stats
+
+
+@pytest.mark.parametrize("stats,nbytes,fraction,fits", [
+    ({"bytes_limit": 1000}, 499, 0.5, True),   # under half of the device's memory
+    ({"bytes_limit": 1000}, 500, 0.5, False),  # exactly half is too much
+    ({"bytes_limit": 1000}, 899, 0.9, True),
+    (None, 4 * 2**30 - 1, 0.5, True),          # a device that reports nothing: 4 GiB
+    (None, 4 * 2**30, 0.5, False),
+    (RuntimeError("unsupported"), 2**20, 0.5, True),  # one that raises: the same rule
+    ({"bytes_in_use": 5}, 4 * 2**30, 0.5, False),     # stats without a limit: the same rule
+])
+def test_fits_on_device_against_the_reported_limit(monkeypatch, stats, nbytes, fraction, fits):
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice(stats)])
+    assert batching.fits_on_device(nbytes, fraction=fraction) is fits
+
+
+def test_fits_on_device_refuses_a_bad_fraction():
+    for fraction in (0.0, -0.5, 1.5):
+        with pytest.raises(offline.DataError, match="fraction must be in"):
+            batching.fits_on_device(10, fraction=fraction)
 
 
 def test_import_does_not_import_tensorflow():

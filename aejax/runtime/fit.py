@@ -61,9 +61,7 @@ def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation
         state, acc = run(state, acc, x, perm, spe, step_rng)
         sums = jax.device_get(acc)
         if int(state.bad_step) >= 0:
-            bad = sorted(k for k, v in sums.items() if not np.isfinite(v))
-            raise NonFiniteLossError(f"Non-finite loss at step {int(state.bad_step)} "
-                                     f"(non-finite: {', '.join(bad)}).")
+            raise NonFiniteLossError.at(int(state.bad_step), sums)
         history.append(float(sums["loss"]) / spe)
         if on_epoch is not None:
             on_epoch(epoch, state.params, history[-1])

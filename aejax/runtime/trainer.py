@@ -229,14 +229,12 @@ class _StopOnSignal:
 
 def _nonfinite_error(bad_step: int, sums: dict, last_good: Optional[int],
                      ckpt_dir: str) -> NonFiniteLossError:
-    bad_terms = sorted(k for k, v in sums.items() if not np.isfinite(v))
     kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_dir}"
             if last_good is not None else "no checkpoint was written yet")
-    return NonFiniteLossError(
-        f"Non-finite loss at step {bad_step} (non-finite: {', '.join(bad_terms)}). Training "
-        f"stopped; {kept}. Lower optimizer.learning_rate, clip gradients "
-        "(optimizer.grad_clip_norm) or reduce the weight of the term that diverged, then run "
-        "again in a new workdir or the same one to resume from that checkpoint.")
+    return NonFiniteLossError.at(
+        bad_step, sums, f"Training stopped; {kept}. Lower optimizer.learning_rate, clip "
+        "gradients (optimizer.grad_clip_norm) or reduce the weight of the term that diverged, "
+        "then run again in a new workdir or the same one to resume from that checkpoint.")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
