@@ -49,8 +49,12 @@ def main(argv):
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)
-    except (config.ConfigError, offline.DataError, NonFiniteLossError,
-            checkpoints.CheckpointError, OSError) as e:
+    except checkpoints.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        # Without the interpreter's exit: orbax's background threads are not daemons, and one
+        # left waiting by a failed write would hold the process for minutes.
+        distributed.exit_without_shutdown(2)
+    except (config.ConfigError, offline.DataError, NonFiniteLossError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if FLAGS.config.distributed.process_id != 0:
