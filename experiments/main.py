@@ -52,8 +52,13 @@ def main(argv):
     except trainer.Preempted as e:  # the checkpoint is saved: status 128 + signal, as a shell says
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (config.ConfigError, offline.DataError, NonFiniteLossError,
-            checkpoints.CheckpointError, lock.WorkdirLockedError, OSError) as e:
+    except checkpoints.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        # Without the interpreter's exit: orbax's background threads are not daemons, and one
+        # left waiting by a failed write would hold the process for minutes.
+        distributed.exit_without_shutdown(2)
+    except (config.ConfigError, offline.DataError, NonFiniteLossError, lock.WorkdirLockedError,
+            OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if FLAGS.config.distributed.process_id != 0:
