@@ -19,8 +19,8 @@ def test_quick_accelerator_check_on_cpu(tmp_path):
     assert by_check["device"][0]["platform"] == "cpu"
     assert {r["dtype"] for r in by_check["matmul"]} == {"float32", "bfloat16"}
     steps = {(r["step"], r["dtype"]) for r in by_check["step"]}
-    assert steps == {(s, d) for s in ("mlp", "contractive_best", "contractive_rev", "vae", "conv")
-                     for d in ("float32", "bfloat16")}
+    assert steps == {(s, "float32") for s in ("mlp", "contractive_best", "contractive_rev", "vae",
+                                              "conv")} | {("mlp", "bfloat16")}
     for r in by_check["step"]:
         assert r["physical"] and r["gflop_per_step"] > 0, r
     # On the CPU the "device" run is the CPU run: the same program, the same numbers.
