@@ -1,5 +1,10 @@
 """Tests of aejax.runtime.config: the optimizer a config names, and its checks."""
 
+import glob
+import importlib
+import os
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +12,8 @@ import optax
 import pytest
 
 from aejax.runtime import config as run_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sgd_nesterov_with_schedule_weight_decay_and_clipping_is_the_hand_built_chain():
@@ -52,3 +59,163 @@ def test_bad_optimizer_settings_are_config_errors(key, value, match):
     cfg[key] = value
     with pytest.raises(run_config.ConfigError, match=match):
         run_config.build_optimizer(cfg, 10, 5)
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def tiny_config(**overrides):
+    """experiments/configs/tiny.py with a contractive term, then ``overrides`` (dotted keys)."""
+    from experiments.configs import tiny
+
+    c = tiny.get_config()
+    c.loss.terms.contractive = dict(weight=0.1, mode="best")
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        target = c
+        for part in path:
+            target = target[part]
+        with target.ignore_type():
+            target[last] = value
+    return c
+
+
+@pytest.mark.parametrize("key,value,match", [
+    # names, against the choices where they live
+    ("model.name", "foo", "Unknown model 'foo'"),
+    ("model.activation", "swish2", "Unknown activation 'swish2' \\(model.activation\\)"),
+    ("model.code_activation", "Relu", "Unknown activation 'Relu'"),
+    ("corruption.kind", "blur", "Unknown corruption 'blur' \\(corruption.kind\\)"),
+    ("loss.reconstruction", "l3", "Unknown reconstruction 'l3' \\(loss.reconstruction\\)"),
+    ("loss.terms.contractive.mode", "fast", "Unknown contractive mode 'fast'"),
+    ("loss.terms.l2", {"weight": 1.0}, "Unknown loss term 'l2'"),
+    ("data.name", "cifar10", "Unknown dataset 'cifar10'"),
+    ("optimizer.name", "adagrad", "Unknown optimizer.name 'adagrad'"),
+    ("optimizer.schedule", "cyclic", "Unknown optimizer.schedule 'cyclic'"),
+    ("parallel", "gpu", "Unknown parallel mode 'gpu'"),
+    ("compute_dtype", "fp16", "Unknown compute_dtype 'fp16'"),
+    # ranges
+    ("model.code_size", 0, "model.code_size must be positive"),
+    ("model.hidden", (64, 0), "model.hidden must be a tuple of positive integers"),
+    ("loss.terms.contractive.weight", -0.1, "contractive.weight must be a finite number >= 0"),
+    ("loss.terms.contractive.weight", float("nan"), "contractive.weight must be a finite"),
+    ("loss.terms.contractive.num_probes", 0, "num_probes must be positive"),
+    ("loss.terms.contractive.warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("seed", -1, "seed must be an integer in \\[0, "),
+    ("keep_checkpoints", 0, "keep_checkpoints must be positive"),
+    ("early_stopping_patience", -1, "early_stopping_patience must be an integer >= 0"),
+    ("early_stopping_min_delta", -0.1, "early_stopping_min_delta must be a finite number >= 0"),
+    ("monitor", "", "monitor must be the name of a validation metric"),
+    ("num_epochs", 0, "num_epochs must be positive .*a run of 0 epochs trains nothing"),
+    ("batch_size", 0, "batch_size must be positive"),
+    ("batch_size", 5000, "batch_size 5000 is larger than data.train_examples 2000"),
+    ("eval_batch_size", -1, "eval_batch_size must be positive"),
+    ("log_every_steps", 0, "log_every_steps must be positive"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps must be positive"),
+    ("num_figure_images", 0, "num_figure_images must be positive"),
+    ("iwae_samples", -1, "iwae_samples must be an integer >= 0"),
+    ("stacking.pretrain_epochs", -1, "stacking.pretrain_epochs must be an integer >= 0"),
+    ("data.validation_size", 0, "data.validation_size must be a number of examples >= 1"),
+    ("data.validation_size", 1.0, "data.validation_size must be"),
+    ("data.train_examples", -5, "data.train_examples must be an integer >= 0"),
+    ("data.classes", (3, 10), "data.classes must be a tuple of labels in 0..9"),
+    ("optimizer.learning_rate", 0.0, "optimizer.learning_rate must be a positive number"),
+    ("optimizer.learning_rate", float("inf"), "optimizer.learning_rate must be a positive number"),
+    ("optimizer.decay_rate", 0.0, "optimizer.decay_rate must be a number in \\(0, 1\\]"),
+    ("optimizer.b2", 1.0, "optimizer.b2 must be a number in \\[0, 1\\)"),
+    ("optimizer.weight_decay", -1e-4, "optimizer.weight_decay must be a finite number >= 0"),
+    ("optimizer.grad_clip_norm", -1.0, "optimizer.grad_clip_norm must be a finite number >= 0"),
+    ("distributed.num_processes", 0, "distributed.num_processes must be positive"),
+    ("distributed.process_id", 1, "distributed.process_id must be an integer in \\[0, 1\\)"),
+    ("distributed.heartbeat_timeout", 0, "heartbeat_timeout must be positive"),
+    # types
+    ("model.tied", 1, "model.tied must be True or False"),
+    ("figures", "yes", "figures must be True or False"),
+    ("data.flat", None, "data.flat must be True or False"),
+    ("num_epochs", 2.5, "num_epochs must be positive"),
+    ("seed", True, "seed must be an integer"),
+    # the builders' own checks, run by validate
+    ("model.widths", (3,), "Model 'mlp' has no option\\(s\\) \\['widths'\\]"),
+    ("loss.terms.contractive.probes", 2, "got unknown options"),
+])
+def test_validate_rejects_each_bad_value_in_one_line(key, value, match):
+    with pytest.raises(run_config.ConfigError, match=match) as e:
+        run_config.validate(tiny_config(**{key: value}))
+    assert "\n" not in str(e.value)
+
+
+def test_validate_checks_corruption_options_and_term_ranges():
+    c = tiny_config(**{"corruption.kind": "gaussian"})
+    c.corruption.std = -1.0
+    with pytest.raises(run_config.ConfigError, match="corruption: gaussian: std must be >= 0"):
+        run_config.validate(c)
+    c = tiny_config()
+    c.loss.terms.kl_sparsity = dict(weight=1.0, rho=1.5)
+    with pytest.raises(run_config.ConfigError, match="kl_sparsity.rho must be a number in \\(0, 1\\)"):
+        run_config.validate(c)
+
+
+def test_validate_accepts_every_experiment_config():
+    paths = sorted(glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")))
+    names = [os.path.basename(p)[:-3] for p in paths if not p.endswith("__init__.py")]
+    assert len(names) >= 10
+    for name in names:
+        run_config.validate(importlib.import_module(f"experiments.configs.{name}").get_config())
+
+
+def test_zero_epochs_is_allowed_after_greedy_pretraining():
+    # Fine-tuning for 0 epochs keeps the stacked parameters (tests/test_configs.py uses it).
+    run_config.validate(tiny_config(**{"num_epochs": 0, "stacking.pretrain_epochs": 1}))
+
+
+def test_dataset_name_is_a_label_when_the_data_is_given():
+    c = tiny_config(**{"data.name": "my_images"})
+    run_config.validate(c, data_given=True)
+    with pytest.raises(run_config.ConfigError, match="Unknown dataset 'my_images'"):
+        run_config.validate(c)
+
+
+class UsersModel(nn.Module):
+    """A user's model: its options are its own, and validate leaves their values to it."""
+
+    activation: str = "swish"
+    code_size: int = 0
+
+    def __call__(self, x):
+        return x, {"code": x}
+
+
+def test_a_users_model_options_are_its_own():
+    import ml_collections
+
+    c = tiny_config()
+    c.model = ml_collections.ConfigDict(dict(name=f"{__name__}:UsersModel", activation="swish",
+                                             code_size=0))
+    run_config.validate(c)  # neither "swish" nor 0 is checked: not an aejax model
+    c.model.hidden = (3,)
+    with pytest.raises(run_config.ConfigError, match=r"has no option\(s\) \['hidden'\]"):
+        run_config.validate(c)
+
+
+@pytest.mark.parametrize("path,missing,close", [
+    ("optimizer.lr", "optimizer.lr", "optimizer.learning_rate"),
+    ("num_epoch", "num_epoch", "num_epochs"),
+    ("epochs", "epochs", "num_epochs"),
+    ("optimizer.wd", "optimizer.wd", "optimizer.weight_decay"),
+    ("data.flat", None, None),
+    ("model.code_size", None, None),
+])
+def test_missing_key_names_the_key_and_the_one_meant(path, missing, close):
+    found = run_config.missing_key(run_config.default_config(), path)
+    if missing is None:
+        assert found is None
+    else:
+        assert found[:2] == (missing, close)
+
+
+def test_unknown_nested_key_suggests_its_dotted_path():
+    c = run_config.default_config()
+    c.optimizer.unlock()
+    c.optimizer.lr = 0.1
+    with pytest.raises(run_config.ConfigError, match="Did you mean 'optimizer.learning_rate'"):
+        run_config.check_config(c)

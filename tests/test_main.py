@@ -137,3 +137,34 @@ def test_best_contractive_mode_of_a_users_model_is_exact():
     best = objectives.contractive(mode="best")(f)
     np.testing.assert_allclose(best, objectives.contractive(mode="auto")(f), rtol=1e-4)
     np.testing.assert_allclose(best, objectives.contractive(mode="one_hidden")(f), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input, one line
+
+
+@pytest.mark.parametrize("config,args,message", [
+    ("experiments/configs/no_such.py", [], "config file 'experiments/configs/no_such.py' does not exist"),
+    ("{tmp}/broken.py", [], "syntax error in {tmp}/broken.py, line 2"),
+    ("experiments/configs/tiny.py", ["--config.optimizer.lr=0.1"],
+     'unknown config key "optimizer.lr" (from --config.optimizer.lr). Did you mean '
+     '"optimizer.learning_rate"?'),
+    ("experiments/configs/tiny.py", ["--config.model.name=foo"], "Unknown model 'foo'"),
+    ("experiments/configs/tiny.py", ["--config.num_epochs=0"], "a run of 0 epochs trains nothing"),
+    ("experiments/configs/tiny.py", ["--config.model.activation=swish2"],
+     "Unknown activation 'swish2' (model.activation)"),
+    ("experiments/configs/contractive.py", ["--config.loss.terms.contractive.mode=fast"],
+     "Unknown contractive mode 'fast' (loss.terms.contractive.mode)"),
+    ("experiments/configs/tiny.py", ["--config.keep_checkpoints=0"],
+     "keep_checkpoints must be positive"),
+])
+def test_bad_input_is_one_error_line_and_status_2_before_anything_runs(tmp_path, config, args,
+                                                                        message):
+    (tmp_path / "broken.py").write_text("def get_config():\n    return (\n")
+    work = tmp_path / "w"
+    out = cli(f"--config={config.format(tmp=tmp_path)}", f"--workdir={work}", *args, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    assert message.format(tmp=tmp_path) in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not work.exists()  # refused before the workdir was touched

@@ -6,13 +6,20 @@ Everything here runs before anything compiles, so a bad config is one clear ``Co
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
+from aejax import corruptions, models, objectives
+from aejax.data import offline
+from aejax.data.splits import NUM_CLASSES
 from aejax.runtime import distributed, placement
+from aejax.step import COMPUTE_DTYPES
 
 
 class ConfigError(ValueError):
@@ -76,6 +83,44 @@ def default_config() -> ml_collections.ConfigDict:
 _FREE_FORM = ("model", "loss", "corruption")
 
 
+def closest_key(key: str, known: Sequence[str]) -> Optional[str]:
+    """The key of ``known`` a mistyped ``key`` most likely means, or None.
+
+    A close spelling (``num_epoch``), else the one key whose words' initials ``key`` is
+    (``lr``: ``learning_rate``), else the one key that contains it (``epochs``: ``num_epochs``).
+    """
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        return close[0]
+    initials = [k for k in known if "".join(w[:1] for w in k.split("_")) == key]
+    containing = [k for k in known if len(key) > 2 and key in k]
+    for found in (initials, containing):
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def missing_key(config: ml_collections.ConfigDict, path: str
+                ) -> Optional[tuple[str, Optional[str], list[str]]]:
+    """Where the dotted ``path`` (``"optimizer.lr"``) leaves ``config``; None when it exists.
+
+    Returns:
+      ``(dotted path of the first missing key, dotted path of the key it most likely means or
+      None, the keys that exist there)``.
+    """
+    node, parts = config, path.split(".")
+    for i, key in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return None  # below a plain value: not a missing key
+        if key not in node:
+            prefix = "".join(f"{p}." for p in parts[:i])
+            known = sorted(node.keys())
+            close = closest_key(key, known)
+            return prefix + key, (prefix + close if close else None), known
+        node = node[key]
+    return None
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for keys that ``train_and_evaluate`` does not know, with suggestions."""
     default = default_config()
@@ -84,14 +129,258 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         for key in cfg.keys():
             path = f"{prefix}{key}"
             if key not in ref:
-                close = difflib.get_close_matches(key, list(ref.keys()), n=1)
-                hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+                close = closest_key(key, list(ref.keys()))
+                hint = f" Did you mean {prefix + close!r}?" if close else ""
                 raise ConfigError(f"Unknown config key {path!r}.{hint} Known keys under "
                                   f"{prefix or 'config.'}: {sorted(ref.keys())}.")
             if isinstance(ref[key], ml_collections.ConfigDict) and key not in _FREE_FORM:
                 walk(cfg[key], ref[key], f"{path}.")
 
     walk(config, default, "")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(config: ml_collections.ConfigDict, *, data_given: bool = False) -> None:
+    """Raises ConfigError unless every key of ``config`` exists and holds a value that fits.
+
+    Types and ranges of every key of :func:`default_config`; names against the choices where
+    they live (:data:`aejax.models.ACTIVATIONS`, :data:`aejax.objectives.RECONSTRUCTIONS`,
+    :data:`aejax.objectives.CONTRACTIVE_TERM_MODES`, :data:`aejax.corruptions.CORRUPTIONS`, ...).
+    The model, objective, corruption and optimizer are then built once, so their own checks
+    (unknown model options, a ``module:Class`` that does not import) run here too. Nothing is
+    compiled, no data is read and no device is touched: call it first.
+
+    The model section is free-form: the standard options are checked for aejax's own models
+    only; a user's model checks its options itself.
+
+    Args:
+      config: a run's configuration (see :func:`default_config`).
+      data_given: the caller brings the data (``splits=``), so ``data.name`` is only a label.
+    """
+    check_config(config)
+    _check_run(config)
+    _check_data(config.data, data_given)
+    if config.data.train_examples and config.batch_size > config.data.train_examples:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than data.train_examples "
+                          f"{config.data.train_examples}, so an epoch has no full batch; lower "
+                          "batch_size or raise data.train_examples.")
+    _check_model(config.model)
+    _check_loss(config.loss)
+    _check_corruption(config.corruption)
+    _check_optimizer(config.optimizer)
+    _check_distributed(config.distributed)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(path: str, value: Any, low: int = 0, high: Optional[int] = None,
+             why: str = "") -> None:
+    """``low <= value < high``, an integer (not a bool); ``why``: what the bounds mean."""
+    if _is_int(value) and value >= low and (high is None or value < high):
+        return
+    if (low, high) == (1, None):
+        want, why = "positive", "; ".join(filter(None, ("an integer >= 1", why)))
+    else:
+        want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high})"
+    _refuse(path, want, why, value)
+
+
+def _real(path: str, value: Any, low: float = 0.0, high: float = math.inf, *,
+          closed: str = "[)", why: str = "") -> None:
+    """A finite number in the interval ``low, high`` with the ends that ``closed`` says."""
+    ok = (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+          and (value >= low if closed[0] == "[" else value > low)
+          and (value <= high if closed[1] == "]" else value < high))
+    if ok:
+        return
+    if (low, high, closed[0]) == (0.0, math.inf, "("):
+        want = "a positive number"
+    elif high == math.inf:
+        want = f"a finite number {'>=' if closed[0] == '[' else '>'} {low:g}"
+    else:
+        want = f"a number in {closed[0]}{low:g}, {high:g}{closed[1]}"
+    _refuse(path, want, why, value)
+
+
+def _refuse(path: str, want: str, why: str, value: Any) -> None:
+    raise ConfigError(f"{path} must be {want}{f' ({why})' if why else ''}; got {value!r}.")
+
+
+def _boolean(path: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{path} must be True or False; got {value!r}.")
+
+
+def _string(path: str, value: Any, *, nonempty: str = "") -> None:
+    """A string; ``nonempty``: what it must name (then "" is refused)."""
+    if not isinstance(value, str) or (nonempty and not value):
+        raise ConfigError(f"{path} must be {nonempty or 'a string'}; got {value!r}.")
+
+
+def _choice(path: str, value: Any, choices: Sequence[str], what: str) -> None:
+    if not (isinstance(value, str) and value in choices):
+        raise ConfigError(f"Unknown {what} {value!r} ({path}); choose one of "
+                          f"{', '.join(map(repr, choices))}.")
+
+
+def _sizes(path: str, value: Any, *, count: Optional[int] = None, empty: bool = False) -> None:
+    """A tuple (or list) of positive integers: layer widths, a shape."""
+    if (isinstance(value, (tuple, list)) and all(_is_int(v) and v > 0 for v in value)
+            and (empty or value) and (count is None or len(value) == count)):
+        return
+    want = f"{count} positive integers" if count else "a tuple of positive integers"
+    raise ConfigError(f"{path} must be {want}{' (may be empty)' if empty else ''}; got {value!r}.")
+
+
+def _check_run(c: ml_collections.ConfigDict) -> None:
+    _integer("seed", c.seed, 0, 2**32)
+    _choice("parallel", c.parallel, ("auto",) + placement.MODES, "parallel mode")
+    _choice("compute_dtype", c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
+    for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "num_figure_images"):
+        _integer(key, c[key], 1)
+    _integer("stacking.pretrain_epochs", c.stacking.pretrain_epochs, 0)
+    _boolean("stacking.compare_scratch", c.stacking.compare_scratch)
+    if c.stacking.pretrain_epochs:  # fine-tuning for 0 epochs keeps the stacked parameters
+        _integer("num_epochs", c.num_epochs, 0)
+    else:
+        _integer("num_epochs", c.num_epochs, 1, why="a run of 0 epochs trains nothing")
+    _integer("early_stopping_patience", c.early_stopping_patience, 0,
+             why="epochs without improvement; 0 turns early stopping off")
+    _real("early_stopping_min_delta", c.early_stopping_min_delta)
+    _string("monitor", c.monitor, nonempty="the name of a validation metric, e.g. 'loss'")
+    _integer("iwae_samples", c.iwae_samples, 0, why="0: no importance-weighted test NLL")
+    for key in ("pca_baseline", "figures", "progress"):
+        _boolean(key, c[key])
+
+
+def _check_data(d: ml_collections.ConfigDict, data_given: bool) -> None:
+    if data_given:
+        _string("data.name", d.name)
+    else:
+        _choice("data.name", d.name, offline.DATASETS, "dataset")
+    v = d.validation_size
+    if not ((_is_int(v) and v >= 1) or (isinstance(v, float) and 0.0 < v < 1.0)):
+        raise ConfigError("data.validation_size must be a number of examples >= 1 or a fraction "
+                          f"in (0, 1) of the training split; got {v!r}.")
+    if not (isinstance(d.classes, (tuple, list))
+            and all(_is_int(k) and 0 <= k < NUM_CLASSES for k in d.classes)):
+        raise ConfigError(f"data.classes must be a tuple of labels in 0..{NUM_CLASSES - 1} (empty "
+                          f"keeps all); got {d.classes!r}.")
+    for key in ("flat", "binarize", "on_device"):
+        _boolean(f"data.{key}", d[key])
+    for key in ("data_dir", "manual_dir"):
+        if d[key] is not None:
+            _string(f"data.{key}", d[key])
+    _integer("data.train_examples", d.train_examples, 0, why="0 keeps all")
+
+
+def _activation(path: str, value: Any) -> None:
+    _choice(path, value, sorted(models.ACTIVATIONS), "activation")
+
+
+# The options of aejax's own models; the models check the names of the others they take
+# (upsampling, likelihood) themselves.
+_MODEL_OPTIONS: dict[str, Callable[[str, Any], None]] = {
+    "input_shape": _sizes,
+    "hidden": lambda path, v: _sizes(path, v, empty=True),
+    "features": lambda path, v: _sizes(path, v, count=3),
+    "code_size": lambda path, v: _integer(path, v, 1),
+    "latent_size": lambda path, v: _integer(path, v, 1),
+    "activation": _activation,
+    "code_activation": _activation,
+    "tied": _boolean,
+    "upsampling": _string,
+    "likelihood": _string,
+}
+
+
+def _check_model(m: ml_collections.ConfigDict) -> None:
+    name = m.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model.name must name a model: one of {sorted(models.MODELS)}, one "
+                          "registered with aejax.models.register, or 'module:Class'; got "
+                          f"{name!r}.")
+    options = {k: v for k, v in m.items() if k != "name"}
+    try:  # unknown names and options, a 'module:Class' that does not import
+        model = models.create(name, **options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if type(model).__module__ == models.__name__:
+        for key, value in options.items():
+            _MODEL_OPTIONS.get(key, lambda path, v: None)(f"model.{key}", value)
+
+
+# The loss terms' options, checked where a term takes them (objectives.build reports the others).
+_TERM_OPTIONS: dict[str, Callable[[str, Any], None]] = {
+    "weight": lambda path, v: _real(path, v, why="0 turns the term off"),
+    "warmup_steps": lambda path, v: _integer(path, v, 0),
+    "mode": lambda path, v: _choice(path, v, objectives.CONTRACTIVE_TERM_MODES, "contractive mode"),
+    "num_probes": lambda path, v: _integer(path, v, 1),
+    "chunk_size": lambda path, v: None if v is None else _integer(path, v, 1),
+    "rho": lambda path, v: _real(path, v, 0.0, 1.0, closed="()"),
+    "layer": lambda path, v: _string(path, v, nonempty="a layer name, e.g. 'code' or 'hidden_0'"),
+}
+
+
+def _check_loss(loss: ml_collections.ConfigDict) -> None:
+    _choice("loss.reconstruction", loss.reconstruction, objectives.RECONSTRUCTIONS,
+            "reconstruction")
+    if not isinstance(loss.terms, ml_collections.ConfigDict):
+        raise ConfigError("loss.terms must be a dict {kind: {weight: w, <options>}}; got "
+                          f"{loss.terms!r}.")
+    terms = {}
+    for kind, options in loss.terms.items():
+        path = f"loss.terms.{kind}"
+        _choice(path, kind, sorted(objectives.TERMS), "loss term")
+        if not isinstance(options, ml_collections.ConfigDict):
+            raise ConfigError(f"{path} must be a dict of the term's options, e.g. "
+                              f"{{'weight': 0.1}}; got {options!r}.")
+        takes = {"weight", "warmup_steps", *inspect.signature(objectives.TERMS[kind]).parameters}
+        for key, value in options.items():
+            if key in takes and key in _TERM_OPTIONS:
+                _TERM_OPTIONS[key](f"{path}.{key}", value)
+        terms[kind] = dict(options)
+    try:  # the terms' own checks: unknown options, ranges
+        objectives.build(loss.reconstruction, terms)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_corruption(c: ml_collections.ConfigDict) -> None:
+    kind = c.get("kind")
+    _choice("corruption.kind", kind, sorted(corruptions.CORRUPTIONS), "corruption")
+    if kind != "none":  # a run without corruption ignores the options
+        try:
+            corruptions.build(kind, **{k: v for k, v in c.items() if k != "kind"})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"corruption: {e}") from None
+
+
+def _check_optimizer(o: ml_collections.ConfigDict) -> None:
+    _real("optimizer.learning_rate", o.learning_rate, closed="()")
+    _integer("optimizer.warmup_steps", o.warmup_steps, 0)
+    _real("optimizer.decay_rate", o.decay_rate, 0.0, 1.0, closed="(]",
+          why="the factor per epoch of schedule='exponential'")
+    for key in ("momentum", "b1", "b2"):
+        _real(f"optimizer.{key}", o[key], 0.0, 1.0)
+    _boolean("optimizer.nesterov", o.nesterov)
+    _real("optimizer.weight_decay", o.weight_decay)
+    _real("optimizer.grad_clip_norm", o.grad_clip_norm, why="0 turns clipping off")
+    build_optimizer(o, total_steps=1, steps_per_epoch=1)  # its names: name, schedule
+
+
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+    _string("distributed.coordinator_address", d.coordinator_address)
+    _integer("distributed.num_processes", d.num_processes, 1)
+    _integer("distributed.process_id", d.process_id, 0, d.num_processes)
+    _integer("distributed.initialization_timeout", d.initialization_timeout, 1, why="seconds")
+    _integer("distributed.heartbeat_timeout", d.heartbeat_timeout, 1, why="seconds")
 
 
 def start_distributed(config: ml_collections.ConfigDict) -> bool:

@@ -29,7 +29,7 @@ from aejax.data import batching, offline, splits as splits_lib
 from aejax.runtime import checkpoints, distributed
 from aejax.runtime.lock import WorkdirLock
 from aejax.runtime.config import (ConfigError, build_optimizer, check_config, data_options,
-                                  resolve_parallel, start_distributed)
+                                  resolve_parallel, start_distributed, validate)
 from aejax.runtime.placement import Placement, prefetch_to_device
 from aejax.step import (COMPUTE_DTYPES, NonFiniteLossError, PerExampleFn, TrainState,
                         make_evaluate, make_per_example_fn, make_train_step, metric_names)
@@ -62,13 +62,7 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict,
                      splits: Optional[splits_lib.Splits] = None) -> Experiment:
     """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
-    check_config(config)
-    if config.batch_size <= 0 or config.eval_batch_size <= 0 or config.num_epochs < 0:
-        raise ConfigError("batch_size and eval_batch_size must be positive and num_epochs >= 0; got "
-                          f"{config.batch_size}, {config.eval_batch_size}, {config.num_epochs}.")
-    if config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
-        raise ConfigError("log_every_steps and checkpoint_every_steps must be positive; got "
-                          f"{config.log_every_steps}, {config.checkpoint_every_steps}.")
+    validate(config, data_given=splits is not None)
     mode, num_devices = resolve_parallel(config)
     if splits is None:
         if config.data.name not in offline.DATASETS:
