@@ -158,7 +158,7 @@ def test_parallel_mode_is_checked_and_auto_is_none_on_one_device(small_splits):
     from placement_check import loop_config
 
     assert run_config.resolve_parallel(loop_config()) == ("none", 1)
-    with pytest.raises(run_config.ConfigError, match="Unknown parallel 'dp'"):
+    with pytest.raises(run_config.ConfigError, match="Unknown parallel mode 'dp'"):
         trainer.build_experiment(loop_config(parallel="dp"), small_splits)
 
 

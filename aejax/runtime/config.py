@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
         name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, decay_rate=0.5,
         momentum=0.9, nesterov=False, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0))
     # Data-parallel step: "auto" (sharded when there is more than one device), "none", "pmap" or
-    # "sharded" (aejax.parallel.Placement). batch_size is global and must divide over the devices.
+    # "sharded" (aejax.runtime.placement). batch_size is global and must divide over the devices.
     c.parallel = "auto"
     # "bfloat16": forward and backward in bfloat16; parameters, optimizer state and the reduction
     # of the losses stay float32 (aejax.step.make_per_example_fn).
