@@ -1,7 +1,7 @@
 """Tests of aejax.runtime.placement: the pmap and sharded steps equal the single-device step.
 
 The 8-device checks run tests/placement_check.py in a subprocess, because the CPU device count is
-fixed when JAX starts and the rest of this session keeps 1 device.
+fixed when JAX starts and the rest of this pytest process keeps 1 device.
 """
 
 import json
