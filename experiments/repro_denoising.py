@@ -171,12 +171,28 @@ def plot_error_vs_noise(rows: dict, path: str) -> str:
     return path
 
 
+def record_entries(results: dict) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/denoising.json from :func:`run`'s results."""
+    rows = results["rows"]
+    entries = [("plain AE, clean input", SEED, rows["clean"]["plain"])]
+    for name in NOISES:
+        entries += [(f"plain AE, {name} input", SEED, rows[name]["plain"]),
+                    (f"denoising AE trained on {name}, {name} input", SEED,
+                     rows[name]["denoising"])]
+    return entries
+
+
 def main() -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_denoising")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
     results = run(args.workdir, quick=args.quick)
+    if records.default_run(parser, args):
+        records.record_many("denoising", record_entries(results),
+                            wall_seconds=results["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {results['wall_seconds']} s")
 
 

@@ -190,7 +190,17 @@ def run(workdir: str, *, mlp_epochs: int, conv_epochs: int, num_images: int = 10
     return out
 
 
+def record_entries(out: dict) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/filters.json from :func:`run`'s output."""
+    seed, r = out["setting"]["seed"], out["results"]
+    return [("multilayer 784-128-32-128-784, 10 epochs", seed,
+             r["mlp"]["test_squared_error_per_image"]),
+            ("conv, 5 epochs", seed, r["conv"]["test_squared_error_per_image"])]
+
+
 def main(argv=None) -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/repro_filters")
@@ -204,6 +214,8 @@ def main(argv=None) -> None:
     else:
         setting = dict(mlp_epochs=args.mlp_epochs, conv_epochs=args.conv_epochs)
     out = run(args.workdir, seed=args.seed, **setting)
+    if records.default_run(parser, args):
+        records.record_many("filters", record_entries(out), wall_seconds=out["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {out['wall_seconds']:.0f} s")
 
 

@@ -103,7 +103,18 @@ def load_vae(workdir: str, *, quick: bool):
     return model, params
 
 
+def record_entries(results: dict, seed: int) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/generation.json from :func:`main`'s
+    results."""
+    ll = results["test_code_log_likelihood_nats"]
+    return [("Gaussian, full covariance", seed, ll["gaussian"]),
+            ("Gaussian mixture, size chosen on validation codes", seed,
+             ll[f"gmm_{results['gmm_components']}"])]
+
+
 def main(argv=None) -> dict:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/repro_generation")
     parser.add_argument("--vae_workdir", default="runs/repro_vae/vae50",
@@ -160,6 +171,9 @@ def main(argv=None) -> dict:
         "wall_seconds": round(time.time() - t0, 1),
     }
     probes.save_json(os.path.join(args.workdir, "results.json"), results)
+    if records.default_run(parser, args, ignore=("workdir", "vae_workdir")):
+        records.record_many("generation", record_entries(results, config.seed),
+                            wall_seconds=results["wall_seconds"])
     print(results["test_code_log_likelihood_nats"], results["gmm_validation_log_likelihood"])
     print(f"wall {results['wall_seconds']} s")
     return results

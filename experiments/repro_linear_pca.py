@@ -205,12 +205,27 @@ def plot_bases(model, params, fitted: pca.PCA, path: str, n: int = 8) -> str:
                               title="a different basis of the same subspace")
 
 
+def record_entries(results: dict) -> list[tuple[str, int | None, float]]:
+    """``(arm, seed, value)`` of experiments/results/linear_pca.json from :func:`run`'s results."""
+    angles = results["max_angle_deg"]
+    return [("linear autoencoder 784-16-784", SEED, results["autoencoder_squared_error_per_image"]),
+            ("PCA, k = 16", None, results["pca_squared_error_per_image"]),
+            ("largest principal angle, decoder rows vs PCA top 16", SEED, angles["decoder_rows"]),
+            ("largest principal angle, decoder rows vs PCA top 17", SEED,
+             angles["decoder_rows_vs_top_k_plus_1"])]
+
+
 def main() -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_linear_pca")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
     results = run(args.workdir, quick=args.quick)
+    if records.default_run(parser, args):
+        records.record_many("linear_pca", record_entries(results),
+                            wall_seconds=results["wall_seconds"])
     print({k: results[k] for k in ("autoencoder_squared_error_per_image",
                                    "pca_squared_error_per_image", "relative_gap", "max_angle_deg")})
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {results['wall_seconds']} s")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aejax import losses, models
+from aejax import jacobians, models
 from aejax.runtime.config import default_config
 from experiments import probes
 
@@ -74,20 +74,12 @@ def batch_encoder(model, params) -> Callable[[jax.Array], jax.Array]:
     return models.encoder(model, params)
 
 
-def jacobians(encode: Callable[[jax.Array], jax.Array], x: np.ndarray, *,
-              chunk_size: int = 25) -> np.ndarray:
-    """Every example's encoder Jacobian ``(N, H, D)`` (:func:`aejax.losses.jacobian`), chunk by
-    chunk on the host so that only one chunk's Jacobians sit on the device."""
-    x = jnp.asarray(x, jnp.float32)
-    chunk_jac = jax.jit(lambda xc: losses.jacobian(encode, xc))
-    return np.concatenate([np.asarray(chunk_jac(x[i:i + chunk_size]))
-                           for i in range(0, len(x), chunk_size)])
-
-
 def _one_blas_thread():
-    # LAPACK's eigensolver runs ~15x faster on one thread than on several when the cores are
-    # shared (measured: 0.1 s against 1.4 s per 784 x 784 matrix). threadpoolctl comes with
+    # LAPACK runs far faster on one thread than on several when the cores are shared (measured
+    # on 2 shared cores: 0.3 s against 5 s per 1000 x 784 Jacobian SVD). JAX's CPU SVD calls
+    # SciPy's OpenBLAS, which must be loaded for the limit to reach it. threadpoolctl comes with
     # scikit-learn (the test extra); without it the solver just runs slower.
+    import scipy.linalg  # noqa: F401  (a dependency of jax)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -95,44 +87,29 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def singular_values(jac: np.ndarray) -> np.ndarray:
-    """Singular values ``(N, min(H, D))`` of each Jacobian ``(N, H, D)``, largest first.
-
-    Through the eigenvalues of the smaller Gram matrix in float64: several times faster than an
-    SVD of each H x D matrix on a shared CPU, and exact to ~1e-7 of the largest value.
-    """
-    j = np.asarray(jac, np.float64)
-    gram = j @ np.swapaxes(j, 1, 2) if j.shape[1] <= j.shape[2] else np.swapaxes(j, 1, 2) @ j
-    with _one_blas_thread():
-        eig = np.linalg.eigvalsh(gram)[:, ::-1]
-    return np.sqrt(np.clip(eig, 0.0, None))
-
-
 def jacobian_spectra(encode: Callable[[jax.Array], jax.Array], x: np.ndarray, *,
                      chunk_size: int = 25) -> np.ndarray:
     """Singular values of the encoder Jacobian at each of ``x``: ``(N, min(H, D))``, largest first.
 
-    Their squares sum to the contractive penalty ``||J(x)||_F^2`` (``aejax.losses.contractive``).
+    :func:`aejax.jacobians.singular_values`, ``chunk_size`` examples at a time, so that only one
+    chunk's Jacobians sit on the device. Their squares sum to the contractive penalty.
     """
-    out = []
-    for i in range(0, len(x), chunk_size):
-        out.append(singular_values(jacobians(encode, x[i:i + chunk_size], chunk_size=chunk_size)))
-    return np.concatenate(out)
+    spectra = jax.jit(lambda v: jacobians.singular_values(encode, v, chunk_size=chunk_size))
+    with _one_blas_thread():
+        return np.asarray(spectra(jnp.asarray(x, jnp.float32)))
 
 
 def contraction_curve(encode: Callable[[jax.Array], jax.Array], x: np.ndarray,
                       radii: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """Mean contraction ratio ``||f(x + r u) - f(x)|| / r`` at each radius, ``(R,)``.
 
-    ``u`` is a random unit direction per point (isotropic, no clipping to [0, 1]), the same at
-    every radius. As ``r -> 0`` the squared ratio's mean tends to ``||J(x)||_F^2 / D``.
+    :func:`aejax.jacobians.contraction_ratios` averaged over ``x``: ``u`` is a random unit
+    direction per point (isotropic, no clipping to [0, 1]), the same at every radius. As
+    ``r -> 0`` the squared ratio's mean tends to ``||J(x)||_F^2 / D``.
     """
-    x = jnp.asarray(x, jnp.float32)
-    u = jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype)
-    u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
-    f0 = encode(x)
-    ratio = jax.jit(lambda r: (jnp.linalg.norm(encode(x + r * u) - f0, axis=1) / r).mean())
-    return np.array([float(ratio(jnp.float32(r))) for r in radii])
+    rng = jax.random.PRNGKey(seed)
+    ratios = jax.jit(lambda v: jacobians.contraction_ratios(encode, v, radii, rng))
+    return np.asarray(ratios(jnp.asarray(x, jnp.float32)).mean(axis=0), np.float64)
 
 
 def pair_contraction(codes: np.ndarray, x: np.ndarray, *, num_bins: int = 12
@@ -286,7 +263,31 @@ def run(workdir: str, *, hidden_size: int, epochs: int, classifier_epochs: int,
     return out
 
 
+# The arms of experiments/results/representations.json.
+RECORD_NAMES = {"ae": "AE", "ae_wd": "AE + weight decay", "dae_g": "DAE-g", "dae_b": "DAE-b",
+                "sparse": "sparse AE", "cae": "CAE"}
+
+
+def record_entries(out: dict) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/representations.json from :func:`run`'s
+    output (test errors in percent)."""
+    seed, r = out["setting"]["seed"], out["results"]
+    entries = [("raw pixels, test error", seed, 100 * r["pixels"]["test_error"])]
+    for kind, name in RECORD_NAMES.items():
+        if kind in r:
+            entries.append((f"{name}, test error", seed, 100 * r[kind]["test_error"]))
+    for kind in ("ae", "cae"):
+        if kind in r:
+            entries += [(f"{RECORD_NAMES[kind]}, mean ‖J‖_F", seed,
+                         r[kind]["jacobian_frobenius_mean"]),
+                        (f"{RECORD_NAMES[kind]}, singular values > 10% of the largest", seed,
+                         r[kind]["singular_values_above_10pct"])]
+    return entries
+
+
 def main(argv=None) -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/repro_representations")
@@ -309,6 +310,9 @@ def main(argv=None) -> None:
                        num_jacobian_points=200, num_pair_points=1000)
     out = run(args.workdir, seed=args.seed, kinds=kinds,
               contractive_weight=args.contractive_weight, **setting)
+    if records.default_run(parser, args):
+        records.record_many("representations", record_entries(out),
+                            wall_seconds=out["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {out['wall_seconds']:.0f} s")
 
 

@@ -265,7 +265,18 @@ def plot_neighbours(queries: np.ndarray, database: np.ndarray, neighbours: dict,
     return path
 
 
+def record_entries(out: dict) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/retrieval.json (precision at 1) from
+    :func:`run`'s output."""
+    seed, r = out["setting"]["seed"], out["results"]
+    return [("pixels, Euclidean", seed, r["pixels"]["1"])] + [
+        (f"AE code > 0.5, Hamming, {b} bits", seed, r["codes"][str(b)]["binary_0.5"]["1"])
+        for b in r["bits"]]
+
+
 def main(argv=None) -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/repro_retrieval")
@@ -280,6 +291,8 @@ def main(argv=None) -> None:
     else:
         setting = dict(bits=(16, 32, 64), epochs=args.epochs, num_queries=args.num_queries)
     out = run(args.workdir, seed=args.seed, **setting)
+    if records.default_run(parser, args):
+        records.record_many("retrieval", record_entries(out), wall_seconds=out["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {out['wall_seconds']:.0f} s")
 
 

@@ -131,7 +131,17 @@ def plot(summary: Mapping, path: str) -> str:
     return path
 
 
+def record_entries(results: Mapping) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/semisupervised.json (test error in percent)
+    from :func:`main`'s results."""
+    return [(f"{name}, {n} labels", seed, 100 * error)
+            for name, per_n in results["errors"].items() for n, errors in per_n.items()
+            for seed, error in zip(results["seeds"], errors)]
+
+
 def main(argv=None) -> dict:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/repro_semisupervised")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests, smoke runs)")
@@ -172,6 +182,9 @@ def main(argv=None) -> dict:
         "autoencoder_seconds": round(t_ae, 1), "wall_seconds": round(time.time() - t0, 1),
     }
     probes.save_json(os.path.join(args.workdir, "results.json"), results)
+    if records.default_run(parser, args):
+        records.record_many("semisupervised", record_entries(results),
+                            wall_seconds=results["wall_seconds"])
     for name, per_n in summary.items():
         print(name, {n: f"{100 * s['mean']:.2f} +- {100 * s['std']:.2f}" for n, s in per_n.items()})
     print(f"wall {results['wall_seconds']} s")

@@ -141,12 +141,26 @@ def plot_sweep(rows: list[dict], path: str) -> str:
     return path
 
 
+def record_entries(results: dict) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/sparse.json from :func:`run`'s results."""
+    mean = {(r["kind"], r["weight"]): r["mean_activation"] for r in results["rows"]}
+    return [("ReLU 32, no penalty", SEED, mean["l1", 0.0]),
+            ("ReLU 32, L1 0.0784 (Keras-equivalent)", SEED, mean["l1", KERAS_L1]),
+            ("mean activation ratio, L1 0.0784 / no penalty", SEED,
+             mean["l1", KERAS_L1] / mean["l1", 0.0]),
+            ("sigmoid 64, KL rho 0.05, beta 3", SEED, mean["kl", 3.0])]
+
+
 def main() -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_sparse")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
     results = run(args.workdir, quick=args.quick)
+    if records.default_run(parser, args):
+        records.record_many("sparse", record_entries(results), wall_seconds=results["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {results['wall_seconds']} s")
 
 

@@ -167,12 +167,25 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     return results
 
 
+def record_entries(results: dict) -> list[tuple[str, int | None, float]]:
+    """``(arm, seed, value)`` of experiments/results/upscaling.json from :func:`run`'s results."""
+    test = results["test"]
+    return [("autoencoder", SEED, test["autoencoder"]["psnr_db"]),
+            ("bicubic", None, test["bicubic"]["psnr_db"]),
+            ("nearest neighbour", None, test["nearest"]["psnr_db"])]
+
+
 def main() -> None:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_upscaling")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
     results = run(args.workdir, quick=args.quick)
+    if records.default_run(parser, args):
+        records.record_many("upscaling", record_entries(results),
+                            wall_seconds=results["wall_seconds"])
     print({k: {m: round(v, 3) for m, v in t.items()} for k, t in results["test"].items()})
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {results['wall_seconds']} s")
 

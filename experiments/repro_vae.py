@@ -208,7 +208,22 @@ def plot_grid(grid: np.ndarray, values: np.ndarray, path: str) -> str:
 # --------------------------------------------------------------------------- the run
 
 
+def record_entries(results: dict, seed: int) -> list[tuple[str, int, float]]:
+    """``(arm, seed, value)`` of experiments/results/vae.json from :func:`main`'s results."""
+    a = results["vae50"]
+    entries = [("-ELBO, the 500-image IWAE subset", seed, -a["test_elbo_subset"]),
+               ("NLL by IWAE, k = 5000, the same 500 images", seed, a["test_iwae_nll_subset"]),
+               ("-ELBO, all 10 000 test images", seed, -a["test_elbo_full"]),
+               ("active units of 50", seed, a["active_units"])]
+    if results["vae2d"]["test_elbo_dynamic"] is not None:
+        entries.append(("2-D VAE on classes 1, 5, 6: test -ELBO", seed,
+                        -results["vae2d"]["test_elbo_dynamic"]))
+    return entries
+
+
 def main(argv=None) -> dict:
+    from experiments import results as records
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/repro_vae")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests, smoke runs)")
@@ -289,6 +304,9 @@ def main(argv=None) -> dict:
         "vae50_train_wall_seconds": round(t_train_a, 1), "wall_seconds": round(time.time() - t0, 1),
     }
     probes.save_json(os.path.join(args.workdir, "results.json"), results)
+    if records.default_run(parser, args):
+        records.record_many("vae", record_entries(results, cfg_a.seed),
+                            wall_seconds=results["wall_seconds"])
     print({k_: v for k_, v in results["vae50"].items()})
     print(f"wall {results['wall_seconds']} s")
     return results
