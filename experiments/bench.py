@@ -1,27 +1,50 @@
-"""Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]``.
+"""Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]
+[--deep-contractive-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
+exact modes on the deep 784-1000-500-250-30 encoder, as ratios to its plain step; not in the
+default run).
 
 Everything is measured side by side in one run, so ratios hold on a shared, noisy machine:
 a float32 matmul roofline; the train loop's step for the 784-128-32-128-784 autoencoder
 (batch 256, Adam; 50 steps per call, as the loop runs them between log steps) against it; the
 input pipeline's share of that step; the same step data-parallel (sharded and pmap, as the loop
 runs them) against the single-device step, and ``jax.pmap`` itself; the contractive penalty's
-modes and the VAE as ratios to the plain step; one epoch of full Fashion-MNIST. Every record
-names the device (``device``), so a run on a GPU gives its figures as they are.
+modes and the VAE as ratios to the plain step; the deep 784-1000-500-250-30 and the
+convolutional autoencoder's steps; one epoch of full Fashion-MNIST. Every record names the
+device (``device``), so a run on a GPU gives its figures as they are.
+
+Each model's step is also timed against two references, in the same rounds:
+
+* its own limit (``fraction_of_own_limit``): the step's own matrix products and convolutions,
+  forward and backward, at their shapes (read from the step's program, :func:`own_products`),
+  run alone in one compiled function (:func:`limit_runner`). What the step does besides them
+  (activations, the loss, Adam, the batch gather) is the rest of its time;
+* its PyTorch twin (``ratio_to_pytorch``, PyTorch's time over aejax's: above 1 aejax is
+  faster), from ``experiments/peers/pytorch.py``: the same model, loss, Adam, batch and initial
+  weights, in eager PyTorch with as many threads as XLA uses (``ratio_to_pytorch_one_thread``:
+  on one). Skipped when torch is not installed.
+
+Physical checks: no step is faster than its own limit or than its FLOPs at the run's matmul
+rate, and an epoch is not faster than its train steps (``physical`` in each record). The bench
+exits with status 1, after naming them, when a record fails its check: a bug, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
+import sys
 import time
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Literal, jaxprs_in_params
 
-from aejax import models, objectives, step
+from aejax import jacobians, models, objectives, step
 from aejax.runtime.placement import Placement
 
 BATCH = 256
@@ -30,9 +53,10 @@ BATCH = 256
 STEPS_PER_CALL = 50
 
 
-def emit(**record) -> None:
+def emit(**record) -> dict:
     record.setdefault("device", jax.devices()[0].device_kind)
     print(json.dumps(record), flush=True)
+    return record
 
 
 def best_time(fn, *, repeats: int, number: int) -> float:
@@ -54,12 +78,16 @@ class Timings(dict):
         """The least disturbed round: for absolute rates."""
         return min(self[name])
 
+    def ratios(self, name, base) -> list[float]:
+        """``name``'s time over ``base``'s in each round."""
+        return [a / b for a, b in zip(self[name], self[base])]
+
     def ratio(self, name, base) -> float:
         """Median over rounds of ``name``'s time over ``base``'s in the same round.
 
         Both were timed seconds apart, so load that comes and goes between rounds cancels.
         """
-        return float(np.median([a / b for a, b in zip(self[name], self[base])]))
+        return float(np.median(self.ratios(name, base)))
 
 
 def interleaved(runners: dict, *, rounds: int) -> Timings:
@@ -86,31 +114,175 @@ def matmul_runner(n: int = 2048):
     return (lambda: f(a, b)), 2 * n**3
 
 
-def setup(model, x_all, terms=None, *, reconstruction="bce", lr=1e-3, binarize=False):
+# --------------------------------------------------------------------------- each step's own limit
+
+# The primitives a step's own limit times; everything else a step does is the rest of its time.
+PRODUCTS = ("dot_general", "conv_general_dilated")
+# Primitives that only call their one jaxpr: the products inside them are the step's.
+CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+         "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+class Product(NamedTuple):
+    """One matrix product or convolution of a step: its primitive, parameters and operands."""
+
+    primitive: Any
+    params: dict
+    operands: tuple  # jax.core.ShapedArray of each operand
+
+
+def _has_products(jaxpr) -> bool:
+    return any(e.primitive.name in PRODUCTS or any(map(_has_products, jaxprs_in_params(e.params)))
+               for e in jaxpr.eqns)
+
+
+def own_products(fn: Callable, *args) -> tuple[Product, ...]:
+    """The matrix products and convolutions that ``fn(*args)`` computes, forward and backward.
+
+    Read from ``fn``'s jaxpr, through the calls in it (``jit``, custom derivatives). A product
+    of the same operands with the same parameters is counted once, as XLA computes it once (the
+    contractive penalty's second pass through the encoder's first layer is the model's own):
+    values are numbered by what computes them. A dense layer of a train step gives ``X @ W``,
+    ``dY @ W.T`` and ``X.T @ dY``, but the first layer no ``dY @ W.T``: nothing needs the
+    input's gradient.
+
+    Raises:
+      ValueError: a product inside a loop or a conditional, whose count the jaxpr does not give.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    found: dict = {}
+    fresh = itertools.count()
+
+    def walk(jaxpr, inputs):
+        env = {v: ("const", next(fresh)) for v in jaxpr.constvars}
+        env.update(zip(jaxpr.invars, inputs))
+        read = lambda v: ("literal", str(v.val), str(v.aval)) if isinstance(v, Literal) else env[v]
+        for eqn in jaxpr.eqns:
+            keys = tuple(read(v) for v in eqn.invars)
+            name, subs = eqn.primitive.name, list(jaxprs_in_params(eqn.params))
+            if name in CALLS and len(subs) == 1 and len(subs[0].invars) == len(keys):
+                outs = walk(subs[0], keys)
+            elif subs:
+                if any(map(_has_products, subs)):
+                    raise ValueError(f"own_products: matrix products inside {name!r}; their count "
+                                     "depends on its trip count or branch.")
+                outs = [("opaque", next(fresh))] * len(eqn.outvars)
+            else:
+                params = dict(eqn.params)
+                if params.get("preferred_element_type", 0) is None:  # None: the output's dtype
+                    params["preferred_element_type"] = eqn.outvars[0].aval.dtype
+                key = (name, str(sorted(params.items())), keys)
+                if name in PRODUCTS and key not in found:
+                    found[key] = Product(eqn.primitive, dict(eqn.params),
+                                         tuple(v.aval for v in eqn.invars))
+                outs = [(key, i) for i in range(len(eqn.outvars))]
+            env.update(zip(eqn.outvars, outs))
+        return [read(v) for v in jaxpr.outvars]
+
+    walk(closed.jaxpr, [("arg", i) for i in range(len(closed.jaxpr.invars))])
+    return tuple(found.values())
+
+
+def product_flops(products: tuple[Product, ...]) -> float:
+    """FLOPs of computing every product once, as XLA counts them (a SAME convolution's taps
+    that fall in the padding are not counted)."""
+    operands = [[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in p.operands] for p in products]
+    once = lambda ops: [p.primitive.bind(*o, **p.params) for p, o in zip(products, ops)]
+    analysis = jax.jit(once).lower(operands).cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis.get("flops", 0.0))
+
+
+def limit_runner(products: tuple[Product, ...]) -> Callable[[], Any]:
+    """A step's own limit: its products alone, each computed once per call, in one function.
+
+    Random operands of the products' shapes; the products run one after another, each waiting
+    for the one before, as a step's layers do. One step per call, in straight-line code: inside
+    a loop (where the loop's fused step runs) XLA's CPU backend does not rewrite convolutions
+    for its fast kernels (the conv step's kernel gradients took several times as long there),
+    and repeated in straight-line code, a product of the same operands is computed once. The
+    limit is what the step would take if it did nothing else, as fast as XLA computes its
+    products, plus one dispatch per call (tens of microseconds).
+    """
+    keys = iter(jax.random.split(jax.random.PRNGKey(3), sum(len(p.operands) for p in products)))
+    operands = tuple(tuple(jax.random.normal(next(keys), a.shape, a.dtype)
+                           if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros(a.shape, a.dtype)
+                           for a in p.operands) for p in products)
+
+    def chain(operands):
+        after, outputs = jnp.zeros(()), []
+        for p, ops in zip(products, operands):
+            ops, _ = jax.lax.optimization_barrier((ops, after))  # wait for the product before
+            after = p.primitive.bind(*ops, **p.params)
+            outputs.append(after)
+        return outputs  # all of them, or XLA would compute only the last
+
+    run = jax.jit(chain)
+    jax.block_until_ready(run(operands))
+    return lambda: run(operands)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def setup(model, x_all, terms=None, *, reconstruction="bce", lr=1e-3, binarize=False,
+          objective=None):
     """``(per_example, tx, params, fresh_state, zero_metrics)`` as the loop builds them (Adam at
-    a constant rate, the default config's optimizer)."""
-    per_example = step.make_per_example_fn(model, objectives.build(reconstruction, terms or {}),
-                                           binarize=binarize)
+    a constant rate, the default config's optimizer); ``objective`` replaces the one built from
+    ``reconstruction`` and ``terms``."""
+    objective = objective or objectives.build(reconstruction, terms or {})
+    per_example = step.make_per_example_fn(model, objective, binarize=binarize)
     tx = optax.adam(optax.constant_schedule(lr), b1=0.9, b2=0.999)
     x = np.asarray(x_all[:BATCH])
-    params = models.init(model, jax.random.PRNGKey(0), x)
+    # Jitted: run op by op, the convolutional model's init compiles every small op alone
+    # (over a minute on a busy 2-core CPU).
+    params = jax.jit(functools.partial(models.init, model))(jax.random.PRNGKey(0), x)
     names = step.metric_names(per_example, params, x)
     fresh_state = lambda: jax.tree.map(np.asarray, step.TrainState.create(params, tx))
     zero_metrics = lambda: {k: np.zeros((), np.float32) for k in names}
     return per_example, tx, params, fresh_state, zero_metrics
 
 
+class StepRunner(NamedTuple):
+    """The loop's fused step of one model and objective, compiled (:func:`step_runner`).
+
+    Attributes:
+      run: takes ``steps_per_call`` steps per call.
+      steps_per_call: steps per call of ``run``.
+      products: the step's own matrix products and convolutions (:func:`own_products`).
+      params: the initial parameters (a twin starts from them).
+    """
+
+    run: Callable[[], Any]
+    steps_per_call: int
+    products: tuple
+    params: Any
+
+    def timed(self, number: int) -> tuple:
+        """``(run, number, steps_per_call)`` for :func:`interleaved`."""
+        return self.run, number, self.steps_per_call
+
+    def limit(self, number: int) -> tuple:
+        """The step's own limit (:func:`limit_runner`), for :func:`interleaved`: as many steps
+        per timing as ``timed(number)``, one per call."""
+        return limit_runner(self.products), number * self.steps_per_call
+
+
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
-                num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False):
+                num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False,
+                objective=None) -> StepRunner:
     """The train loop's own fused step (gather + step + metric sums), ready to time.
 
-    Returns ``(run, steps_per_call, num_weights)``: each ``run()`` takes ``steps_per_call``
-    steps in one call, as the loop does between two log steps. ``mode`` and ``num_devices``
-    choose the loop's placement (:class:`aejax.runtime.placement.Placement`).
+    Each ``run()`` takes ``steps_per_call`` steps in one call, as the loop does between two log
+    steps. ``mode`` and ``num_devices`` choose the loop's placement
+    (:class:`aejax.runtime.placement.Placement`).
     """
     per_example, tx, params, fresh_state, zero_metrics = setup(
-        model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize)
+        model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize,
+        objective=objective)
     place = Placement.create(mode, num_devices)
+    products = own_products(step.make_train_step(per_example, tx), fresh_state(),
+                            {"x": np.asarray(x_all[:BATCH])}, jax.random.PRNGKey(2))
     step_fn = step.make_train_step(per_example, tx, axis_name="data" if place.per_device else None)
     spe = len(x_all) // BATCH
     run = place.fused_step(step_fn, BATCH, spe)
@@ -125,7 +297,7 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
         return holder["acc"]
 
     jax.block_until_ready(one())  # compile
-    return one, steps_per_call, sum(np.size(p) for p in jax.tree.leaves(params) if np.ndim(p) == 2)
+    return StepRunner(one, steps_per_call, products, params)
 
 
 def fixed_batch_runner(model, x_all, *, steps_per_call=STEPS_PER_CALL):
@@ -199,8 +371,8 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
         cases += [("sharded", jax.device_count()), ("pmap", jax.local_device_count())]
     runners = {}
     for case in cases:
-        run, steps, _ = step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])
-        runners[case] = (run, max(number // steps, 1), steps)
+        runner = step_runner(model, {}, x_all, mode=case[0], num_devices=case[1])
+        runners[case] = runner.timed(max(number // runner.steps_per_call, 1))
     runners["bare"] = (bare_runner(model, x_all), number)
     runners["jax.pmap"] = (bare_runner(model, x_all, literal_pmap=True), number)
     times = interleaved(runners, rounds=repeats)
@@ -215,12 +387,121 @@ def parallel_steps(model, x_all, *, repeats: int, number: int = 100) -> list[dic
     return records
 
 
+# --------------------------------------------------------------------------- the PyTorch twins
+
+
+def load_pytorch():
+    """``(experiments.peers.pytorch, device)``: PyTorch on JAX's platform, with as many CPU
+    threads as XLA uses; ``(None, reason)`` when it cannot run beside this JAX."""
+    try:
+        from experiments.peers import pytorch
+    except ImportError:
+        return None, "torch is not installed (pip install -e '.[peers]')"
+    platform = jax.default_backend()
+    if platform == "gpu" and pytorch.torch.cuda.is_available():
+        return pytorch, "cuda"
+    if platform != "cpu":
+        return None, f"JAX runs on {platform}, where this torch cannot"
+    pytorch.torch.set_num_threads(pytorch.jax_cpu_threads())
+    return pytorch, "cpu"
+
+
+def twin_runner(pytorch, device, model, params, x_all, terms=None, *, steps_per_call: int,
+                binarize: bool = False, threads: Optional[int] = None):
+    """The PyTorch twin of an aejax step (``experiments.peers.pytorch.Runner``), from the same
+    initial weights, on the same training set (NCHW for images), warmed up; None without torch.
+
+    ``threads``: PyTorch's intra-op threads while it runs (default: as many as XLA uses).
+    """
+    if pytorch is None:
+        return None
+    net = pytorch.load_flax(pytorch.mirror(model), params)
+    x = np.asarray(x_all)
+    x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
+    if threads is None and device == "cpu":
+        threads = pytorch.jax_cpu_threads()
+    run = pytorch.Runner(net, x, np.random.default_rng(1).permutation(len(x)), batch_size=BATCH,
+                         terms={k: v["weight"] for k, v in (terms or {}).items()},
+                         binarize=binarize, steps_per_call=steps_per_call, device=device,
+                         threads=threads)
+    run()
+    return run
+
+
+def against_references(times: Timings, name, flops: float, matmul_flops: float) -> dict:
+    """A step's record fields: its rate, its FLOPs (of its own products), its fraction of the
+    roofline and of its own limit, its ratio to its PyTorch twin, and the physical check.
+
+    Fractions and ratios are medians over rounds of the timings taken in the same round.
+    ``times`` holds ``name``, ``(name, "limit")``, ``"matmul"`` (:func:`matmul_runner`) and,
+    where the twin ran, ``(name, "pytorch")`` (as many threads as XLA) and ``(name,
+    "pytorch_1")`` (one thread).
+    """
+    t = times.best(name)
+    roofline_rounds = [r * flops / matmul_flops for r in times.ratios("matmul", name)]
+    own_rounds = times.ratios((name, "limit"), name)
+    roofline, own = float(np.median(roofline_rounds)), float(np.median(own_rounds))
+    fields = dict(steps_per_s=round(1 / t, 1), gflop_per_step=round(flops / 1e9, 4),
+                  gflops=round(flops / t / 1e9, 1), fraction_of_roofline=round(roofline, 3),
+                  fraction_of_own_limit=round(own, 3))
+    if (name, "pytorch") in times:
+        fields.update(pytorch_steps_per_s=round(1 / times.best((name, "pytorch")), 1),
+                      ratio_to_pytorch=round(times.ratio((name, "pytorch"), name), 2))
+    if (name, "pytorch_1") in times:
+        fields.update(pytorch_one_thread_steps_per_s=round(1 / times.best((name, "pytorch_1")), 1),
+                      ratio_to_pytorch_one_thread=round(times.ratio((name, "pytorch_1"), name), 2))
+    # A step does all of its products and more: it cannot be faster than either reference. It
+    # fails the check when it was faster in every round; a step that is nearly all products
+    # (the convolutional one on a CPU) comes within the noise of its limit in some rounds.
+    fields["physical"] = bool(min(roofline_rounds) <= 1 and min(own_rounds) <= 1)
+    return fields
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def deep_contractive_steps(x_all, *, rounds: int, num_probes: int = 3) -> list[dict]:
+    """The contractive penalty (weight 0.1) on the deep encoder 784-1000-500-250-30 (ReLU, linear
+    code): each of :data:`aejax.jacobians.ESTIMATORS` at ``num_probes`` Jacobian products per
+    example, and the exact ``dense`` and ``rev`` modes, as ratios to the same autoencoder's plain
+    step, timed in turns with it."""
+    deep = models.MLPAutoencoder(hidden=(1000, 500, 250), code_size=30, activation="relu")
+    steps = 2
+    runners = {"plain": step_runner(deep, {}, x_all, steps_per_call=steps).timed(1)}
+    for estimator in jacobians.ESTIMATORS:
+        term = lambda f, e=estimator: jacobians.contractive_estimate(
+            f.encode, f.x_in, f.rng, estimator=e, num_probes=num_probes)
+        objective = objectives.combine({"reconstruction": (1.0, objectives.reconstruction("bce")),
+                                        "contractive": (0.1, term)})
+        runners[estimator] = step_runner(deep, {}, x_all, steps_per_call=steps,
+                                         objective=objective).timed(1)
+    for mode in ("dense", "rev"):
+        runners[mode] = step_runner(deep, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
+                                    steps_per_call=steps).timed(1)
+    method = {"gaussian": "Hutchinson, Gaussian probes", "rademacher": "Hutchinson, Rademacher "
+              "probes", "hutch++": "Hutch++", "dense": "exact, Gram matrix of the first layer",
+              "rev": "exact, one batched VJP per code unit"}
+    times = interleaved(runners, rounds=rounds)
+    records = []
+    for name in method:
+        record = dict(name="contractive_step", mode=name, method=method[name],
+                      encoder="784-1000-500-250-30 relu", batch=BATCH,
+                      steps_per_s=round(1 / times.best(name), 2),
+                      ratio_to_plain=round(times.ratio(name, "plain"), 2))
+        if name in jacobians.ESTIMATORS:
+            record["num_probes"] = num_probes
+        records.append(record)
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and no fwd-mode Jacobian")
     parser.add_argument("--skip-epoch", action="store_true", help="skip the full-epoch timing (no data)")
     parser.add_argument("--parallel-only", action="store_true",
                         help="only the data-parallel steps against the single-device step")
+    parser.add_argument("--deep-contractive-only", action="store_true",
+                        help="only the contractive estimators and exact modes on the deep encoder")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     x_all = jax.random.uniform(jax.random.PRNGKey(0), (BATCH * 40, 784), jnp.float32)
@@ -229,73 +510,141 @@ def main() -> None:
         for record in parallel_steps(ae, x_all, repeats=2 * repeats):
             emit(**record)
         return
+    if args.deep_contractive_only:
+        for record in deep_contractive_steps(x_all, rounds=repeats):
+            emit(**record)
+        return
+    records = []
+    pytorch, torch_device = load_pytorch()
+    if pytorch is None:
+        records.append(emit(name="pytorch", skipped=torch_device))
+    else:
+        records.append(emit(name="pytorch", version=pytorch.torch.__version__, mode="eager",
+                            torch_device=torch_device, threads=pytorch.torch.get_num_threads(),
+                            jax_cpu_threads=pytorch.jax_cpu_threads()))
+    one_thread = torch_device == "cpu" and pytorch.jax_cpu_threads() > 1
+
+    def add_twins(runners, key, model, params, x, terms=None, *, steps=5, binarize=False):
+        """The step's PyTorch twin, on as many threads as XLA uses and, on a CPU with several,
+        also on one: where other jobs share the cores, OpenMP's threads (PyTorch's) lose more to
+        waiting for each other than XLA's, and one thread can be the faster. PyTorch's eager
+        steps gain nothing from more steps per call: ``steps`` per timing."""
+        if pytorch is None:
+            return
+        for suffix, threads in [("pytorch", None)] + ([("pytorch_1", 1)] if one_thread else []):
+            run = twin_runner(pytorch, torch_device, model, params, x, terms, steps_per_call=steps,
+                              binarize=binarize, threads=threads)
+            runners[(*key, suffix) if isinstance(key, tuple) else (key, suffix)] = (run, 1, steps)
 
     matmul, matmul_flops = matmul_runner()
-    plain, spc, num_weights = step_runner(ae, {}, x_all)
-    plain_runner = (plain, 100 // spc, spc)
-    times = interleaved({"matmul": (matmul, 3), "loop": plain_runner,
-                        "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
-                        "bare": (bare_runner(ae, x_all), 100)}, rounds=4 * repeats)
-    emit(name="matmul_roofline", n=2048, gflops=round(matmul_flops / times.best("matmul") / 1e9, 1))
+    plain = step_runner(ae, {}, x_all)
+    spc = plain.steps_per_call
+    runners = {"matmul": (matmul, 3), "loop": plain.timed(100 // spc),
+               "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
+               "bare": (bare_runner(ae, x_all), 100), ("loop", "limit"): plain.limit(100 // spc)}
+    add_twins(runners, "loop", ae, plain.params, x_all, steps=10)
+    times = interleaved(runners, rounds=4 * repeats)
+    records.append(emit(name="matmul_roofline", n=2048,
+                        gflops=round(matmul_flops / times.best("matmul") / 1e9, 1)))
     t_plain = times.best("loop")
-    flops = 6 * num_weights * BATCH
-    emit(name="train_step", model="784-128-32-128-784", batch=BATCH, optimizer="adam",
-         steps_per_call=spc, steps_per_s=round(1 / t_plain, 1), gflops=round(flops / t_plain / 1e9, 1),
-         fraction_of_roofline=round(times.ratio("matmul", "loop") * flops / matmul_flops, 3))
-    emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
-         loop_step_per_s=round(1 / t_plain, 1),
-         fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
-         overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3))
-    emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
-         step="jit(step.make_train_step), one fixed batch",
-         steps_per_s=round(1 / times.best("bare"), 1),
-         loop_speedup=round(times.ratio("bare", "loop"), 3))
+    records.append(emit(name="train_step", model="784-128-32-128-784", batch=BATCH,
+                        optimizer="adam", steps_per_call=spc,
+                        **against_references(times, "loop", product_flops(plain.products),
+                                             matmul_flops)))
+    records.append(emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
+                        loop_step_per_s=round(1 / t_plain, 1),
+                        fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
+                        overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3)))
+    records.append(emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
+                        step="jit(step.make_train_step), one fixed batch",
+                        steps_per_s=round(1 / times.best("bare"), 1),
+                        loop_speedup=round(times.ratio("bare", "loop"), 3)))
     for record in parallel_steps(ae, x_all, repeats=2 * repeats):
-        emit(**record)
+        records.append(emit(**record))
 
-    modes = ["best", "dense", "rev", "auto", "estimate"] + ([] if args.quick else ["fwd"])
+    # The contractive modes, their limits, the plain step and one PyTorch twin in the same rounds:
+    # (steps per call, calls per timing) of each, less of the costly ones.
+    calls = {"best": (10, 3), "dense": (10, 2), "rev": (5, 2), "auto": (5, 2), "estimate": (10, 3)}
+    if not args.quick:
+        calls["fwd"] = (1, 1)  # ~1 s a step
     resolved = {"best": "one_hidden: exact quadratic form per example",
                 "dense": "exact, Gram matrix of the first layer",
                 "estimate": "unbiased estimate, 1 probe"}
-    for mode in modes:
-        steps = 1 if mode == "fwd" else 10
-        run, _, _ = step_runner(ae, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
-                                steps_per_call=steps)
-        if mode == "fwd":  # ~1 s a step: one timing, against the plain step's
-            t = best_time(run, repeats=1, number=3)
-            ratio = t / t_plain
-        else:
-            pair = interleaved({"plain": plain_runner, "penalty": (run, 3, steps)}, rounds=repeats)
-            t, ratio = pair.best("penalty"), pair.ratio("penalty", "plain")
-        emit(name="contractive_step", mode=mode, method=resolved.get(mode, f"exact, jax {mode}-mode"),
-             encoder="784-128-32 relu", steps_per_s=round(1 / t, 1), ratio_to_plain=round(ratio, 2))
+    runners = {"matmul": (matmul, 1), "plain": plain.timed(2)}
+    contractive = {}
+    for mode, (steps, number) in calls.items():
+        terms = {"contractive": {"weight": 0.1, "mode": mode}}
+        contractive[mode] = step_runner(ae, terms, x_all, steps_per_call=steps)
+        runners[mode] = contractive[mode].timed(number)
+        runners[mode, "limit"] = contractive[mode].limit(number)
+    add_twins(runners, ("exact",), ae, plain.params, x_all, {"contractive": {"weight": 0.1}},
+              steps=2)
+    times = interleaved(runners, rounds=repeats)
+    for mode in calls:
+        for suffix in ("pytorch", "pytorch_1"):
+            if mode != "estimate" and ("exact", suffix) in times:  # the twin's penalty is exact
+                times[mode, suffix] = times["exact", suffix]
+        records.append(emit(name="contractive_step", mode=mode,
+                            method=resolved.get(mode, f"exact, jax {mode}-mode"),
+                            encoder="784-128-32 relu",
+                            ratio_to_plain=round(times.ratio(mode, "plain"), 2),
+                            **against_references(times, mode,
+                                                 product_flops(contractive[mode].products),
+                                                 matmul_flops)))
     # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
     sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
     sig_plain = step_runner(sig, {}, x_all)
     sig_cf = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
-    pair = interleaved({"plain": (sig_plain[0], 100 // spc, spc),
-                         "penalty": (sig_cf[0], 100 // spc, spc)}, rounds=repeats)
-    emit(name="contractive_step", mode="sigmoid", method="closed form", encoder="784-128 sigmoid",
-         steps_per_s=round(1 / pair.best("penalty"), 1),
-         ratio_to_plain=round(pair.ratio("penalty", "plain"), 2))
+    times = interleaved({"matmul": (matmul, 1), "plain": sig_plain.timed(100 // spc),
+                         "penalty": sig_cf.timed(100 // spc),
+                         ("penalty", "limit"): sig_cf.limit(100 // spc)}, rounds=repeats)
+    records.append(emit(name="contractive_step", mode="sigmoid", method="closed form",
+                        encoder="784-128 sigmoid",
+                        ratio_to_plain=round(times.ratio("penalty", "plain"), 2),
+                        **against_references(times, "penalty", product_flops(sig_cf.products),
+                                             matmul_flops)))
 
-    # The VAE of the same widths: 784-128-(mean, log-variance of 32)-128-784, binarized inputs.
-    vae, _, _ = step_runner(models.VAE(hidden=(128,), latent_size=32), {"kl": {"weight": 1.0}},
-                            x_all, binarize=True)
-    pair = interleaved({"plain": plain_runner, "vae": (vae, 100 // spc, spc)}, rounds=repeats)
-    emit(name="vae_step", model="VAE 784-128-32-128-784, Bernoulli, dynamic binarization",
-         batch=BATCH, steps_per_s=round(1 / pair.best("vae"), 1),
-         ratio_to_plain=round(pair.ratio("vae", "plain"), 2))
+    # The VAE of the same widths: 784-128-(mean, log-variance of 32)-128-784, binarized inputs;
+    # then the deep and the convolutional autoencoder (fewer steps per call: their steps take
+    # tens and hundreds of ms on a CPU).
+    vae_model = models.VAE(hidden=(128,), latent_size=32)
+    deep = models.MLPAutoencoder(hidden=(1000, 500, 250), code_size=30)
+    x_img = x_all.reshape(-1, 28, 28, 1)
+    # (name, description, model, terms, data, binarize, steps per call, calls per timing)
+    cases = [("vae_step", "VAE 784-128-32-128-784, Bernoulli, dynamic binarization", vae_model,
+              {"kl": {"weight": 1.0}}, x_all, True, spc, 100 // spc),
+             ("deep_step", "784-1000-500-250-30, relu, linear code", deep, {}, x_all, False, 5, 1),
+             ("conv_step", "conv 16-8-8, nearest upsampling (configs/conv.py)",
+              models.ConvAutoencoder(), {}, x_img, False, 2, 1)]
+    for name, description, model, terms, x, binarize, steps, number in cases:
+        runner = step_runner(model, terms, x, binarize=binarize, steps_per_call=steps)
+        runners = {"matmul": (matmul, 1), "plain": plain.timed(100 // spc),
+                   name: runner.timed(number), (name, "limit"): runner.limit(number)}
+        add_twins(runners, name, model, runner.params, x, terms, steps=min(steps, 5),
+                  binarize=binarize)
+        times = interleaved(runners, rounds=repeats)
+        records.append(emit(name=name, model=description, batch=BATCH, optimizer="adam",
+                            steps_per_call=steps,
+                            ratio_to_plain=round(times.ratio(name, "plain"), 2),
+                            **against_references(times, name, product_flops(runner.products),
+                                                 matmul_flops)))
 
     if not args.skip_epoch:
-        emit(**epoch_time())
+        records.append(emit(**epoch_time(t_plain, rounds=1 if args.quick else 2)))
+    failed = [r for r in records if r.get("physical") is False]
+    if failed:
+        print("Not physical (a bug in the step or the bench, not a result): "
+              + "; ".join(json.dumps(r) for r in failed), file=sys.stderr)
+        sys.exit(1)
 
 
-def epoch_time() -> dict:
+def epoch_time(step_seconds: float, *, rounds: int) -> dict:
     """Seconds for one epoch (train + validation) of full Fashion-MNIST, compile excluded.
 
-    Runs the real loop (``train_and_evaluate``) for 1 and for 3 epochs; the difference over 2 is
-    the time of an epoch, so start-up and compilation cancel out.
+    Runs the real loop (``train_and_evaluate``) for 1 and for 3 epochs, after one untimed run
+    that compiles what both reuse; the difference over 2 is the time of an epoch, so start-up
+    cancels out (best of ``rounds`` of each). Physical: not less than the epoch's train steps at
+    ``step_seconds``, the plain step's best time.
     """
     import tempfile
 
@@ -305,16 +654,20 @@ def epoch_time() -> dict:
     splits = data_splits.load("fashion_mnist", flat=True)
     c = config.default_config()
     c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
-    times = {}
-    for epochs in (1, 3):
+    times = {1: [], 3: []}
+    for epochs in [1] + [1, 3] * rounds:
         c.num_epochs = epochs
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             trainer.train_and_evaluate(c, d, splits=splits)
-            times[epochs] = time.perf_counter() - t
+            times[epochs].append(time.perf_counter() - t)
+    seconds = (min(times[3]) - min(times[1][1:])) / 2
+    train_steps = len(splits.train[0]) // c.batch_size
     return dict(name="epoch", dataset="fashion_mnist", model="784-128-32-128-784", batch=BATCH,
                 train_examples=len(splits.train[0]), validation_examples=len(splits.validation[0]),
-                seconds=round((times[3] - times[1]) / 2, 3))
+                seconds=round(seconds, 3), train_steps=train_steps,
+                train_steps_seconds=round(train_steps * step_seconds, 3),
+                physical=bool(seconds >= train_steps * step_seconds))
 
 
 if __name__ == "__main__":

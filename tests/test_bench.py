@@ -1,0 +1,114 @@
+"""experiments/bench.py: each step's own products (what its own limit times) and the physical
+checks of its records."""
+
+import glob
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aejax import models, objectives, step
+from experiments import bench
+
+B = 256
+
+
+def train_step_products(model, terms, x):
+    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
+    tx = optax.adam(1e-3)
+    shapes = jax.eval_shape(lambda x: models.init(model, jax.random.PRNGKey(0), x), x)
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return bench.own_products(step.make_train_step(per_example, tx),
+                              step.TrainState.create(params, tx), {"x": x}, jax.random.PRNGKey(0))
+
+
+def shapes(products):
+    return sorted((p.primitive.name, tuple(a.shape for a in p.operands)) for p in products)
+
+
+def test_a_dense_step_has_its_forward_and_backward_products_and_no_input_gradient():
+    x = np.zeros((B, 784), np.float32)
+    products = train_step_products(models.MLPAutoencoder(hidden=(128,), code_size=32), {}, x)
+    dims = [(784, 128), (128, 32), (32, 128), (128, 784)]
+    forward = [((B, i), (i, o)) for i, o in dims]  # X @ W
+    kernels = [((B, i), (B, o)) for i, o in dims]  # X.T @ dY
+    inputs = [((B, o), (i, o)) for i, o in dims[1:]]  # dY @ W.T, not for the first layer
+    assert shapes(products) == sorted(("dot_general", s) for s in forward + kernels + inputs)
+    weights = sum(i * o for i, o in dims)
+    assert bench.product_flops(products) == 2 * B * (3 * weights - 784 * 128)
+
+
+def test_products_of_the_same_operands_count_once():
+    # The contractive penalty runs the encoder again: XLA computes its products once, and so do
+    # the counts. rev mode adds the 5 products of the Jacobian's rows and their gradients.
+    x = np.zeros((B, 784), np.float32)
+    model = models.MLPAutoencoder(hidden=(128,), code_size=32)
+    plain = train_step_products(model, {}, x)
+    rev = train_step_products(model, {"contractive": {"weight": 0.1, "mode": "rev"}}, x)
+    assert len(plain) == 11 and len(rev) == 16
+    assert set(shapes(plain)) <= set(shapes(rev))
+
+
+def test_a_convolutional_step_has_every_convolution():
+    x = np.zeros((B, 28, 28, 1), np.float32)
+    products = train_step_products(models.ConvAutoencoder(), {}, x)
+    names = {p.primitive.name for p in products}
+    # 7 convolutions forward, 7 kernel gradients, 6 input gradients (not the first layer's).
+    assert names == {"conv_general_dilated"} and len(products) == 20
+
+
+def test_products_in_a_loop_are_refused():
+    def fn(w):
+        return jax.lax.scan(lambda h, _: (h @ w, None), jnp.ones((4, 4)), None, length=3)[0]
+
+    with pytest.raises(ValueError, match="inside 'scan'"):
+        bench.own_products(fn, jnp.ones((4, 4)))
+
+
+def test_the_limit_computes_every_product_in_turn():
+    a, b = jnp.ones((256, 256)), jnp.ones((256, 256))
+    one = bench.own_products(lambda a, b: a @ b, a, b)
+    twenty = bench.own_products(lambda a, b: [a @ (b + i) for i in range(20)], a, b)
+    assert len(twenty) == 20  # different operands: twenty products
+    outputs = bench.limit_runner(twenty)()
+    assert len(outputs) == 20 and all(o.shape == (256, 256) for o in outputs)
+    # Were some of them shared or dropped, twenty would cost about as much as one.
+    best = lambda fn: min(timed(fn) for _ in range(5))
+    assert best(bench.limit_runner(twenty)) > 5 * best(bench.limit_runner(one))
+
+
+def timed(fn):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def test_a_step_faster_than_a_reference_in_every_round_is_not_physical():
+    times = bench.Timings({"matmul": [1.0] * 3, "step": [2.0] * 3, ("step", "limit"): [1.0] * 3,
+                           ("step", "pytorch"): [3.0] * 3})
+    check = lambda flops=1e9: bench.against_references(times, "step", flops=flops, matmul_flops=1e9)
+    fields = check()
+    assert fields["physical"] and fields["fraction_of_own_limit"] == 0.5
+    assert fields["fraction_of_roofline"] == 0.5 and fields["ratio_to_pytorch"] == 1.5
+    times["step", "limit"] = [2.2, 1.8, 2.2]  # within the noise of its limit: still physical
+    assert check()["physical"] and check()["fraction_of_own_limit"] == 1.1
+    times["step", "limit"] = [2.2, 2.1, 2.2]  # faster than its own products alone, every round
+    assert not check()["physical"]
+    times["step", "limit"] = [1.0, 1.0, 1.0]
+    assert not check(flops=3e9)["physical"]  # ... or than its FLOPs at the matmul rate
+
+
+def test_recorded_runs_name_their_device_and_pass_their_checks():
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "results")
+    files = glob.glob(os.path.join(root, "bench_*.jsonl"))
+    assert files
+    for path in files:
+        for line in open(path):
+            record = json.loads(line)
+            assert record.get("device"), (path, record)
+            assert record.get("physical", True), (path, record)
