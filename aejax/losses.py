@@ -7,7 +7,7 @@ caller reduces. Nothing here knows about models or training (see ``aejax.objecti
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,16 @@ __all__ = [
     "gaussian_log_prob",
     "bernoulli_log_prob",
     "iwae_bound",
+    "l2_activity",
+    "imq_kernel",
+    "rbf_kernel",
+    "mmd",
+    "tc_decomposition",
+    "TCDecomposition",
+    "vq_codebook",
+    "vq_commitment",
     "CONTRACTIVE_MODES",
+    "MMD_KERNELS",
 ]
 
 CONTRACTIVE_MODES = ("fwd", "rev", "auto", "estimate")
@@ -51,6 +60,9 @@ def _check_pair(predictions: Array, targets: Array, fn: str) -> None:
                             "(convert images with x.astype('float32') / 255).")
     if predictions.ndim < 1:
         raise ValueError(f"{fn}: expected a batch (B, ...), got a scalar.")
+    if predictions.shape[0] == 0:
+        raise ValueError(f"{fn}: the batch is empty (shape {predictions.shape}); pass at least "
+                         "one example.")
 
 
 def _sum_per_example(a: Array) -> Array:
@@ -212,7 +224,7 @@ def kl_sparsity(activations: Array, *, rho: float = 0.05, mask: Optional[Array] 
 
 
 def _code_shape(encode_fn: Callable[[Array], Array], x: Array, fn: str) -> tuple[int, int]:
-    if x.ndim < 2:
+    if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"{fn}: x must be a batch of shape (B, ...) with B >= 1, got shape "
                          f"{x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -242,14 +254,22 @@ def _jacobian_cols(fn: Callable[[Array], Array], x: Array) -> Array:
     """Column ``d`` of every example's Jacobian, ``(D, B, H)``: one JVP of the batch per input."""
     num_in = math.prod(x.shape[1:])
     basis = jnp.eye(num_in, dtype=x.dtype).reshape((num_in, 1) + x.shape[1:])
-    basis = jnp.broadcast_to(basis, (num_in,) + x.shape)
-    return jax.vmap(lambda t: jax.jvp(fn, (x,), (t,))[1])(basis)
+    return _jvps(fn, x, jnp.broadcast_to(basis, (num_in,) + x.shape))
 
 
-def _frob_estimate(fn: Callable[[Array], Array], x: Array, rng: Array, num_probes: int) -> Array:
-    # E_v ||J v||^2 = ||J||_F^2 for v ~ N(0, I): unbiased, one batched JVP per probe.
-    probes = jax.random.normal(rng, (num_probes,) + x.shape, x.dtype)
-    jv = jax.vmap(lambda t: jax.jvp(fn, (x,), (t,))[1])(probes)  # (P, B, H)
+def _jvps(fn: Callable[[Array], Array], x: Array, tangents: Array) -> Array:
+    """``J t`` for each of ``P`` batched tangents ``(P, B, ...)``: ``(P, B, H)``, one JVP each."""
+    return jax.vmap(lambda t: jax.jvp(fn, (x,), (t,))[1])(tangents)
+
+
+_PROBES = {"gaussian": jax.random.normal, "rademacher": jax.random.rademacher}
+
+
+def _frob_estimate(fn: Callable[[Array], Array], x: Array, rng: Array, num_probes: int,
+                   probes: str = "gaussian") -> Array:
+    # E_v ||J v||^2 = ||J||_F^2 whenever E[v v^T] = I (Gaussian or Rademacher v): unbiased, one
+    # batched JVP per probe.
+    jv = _jvps(fn, x, _PROBES[probes](rng, (num_probes,) + x.shape, x.dtype))  # (P, B, H)
     return jnp.square(jv).sum(axis=2).mean(axis=0)
 
 
@@ -515,3 +535,201 @@ def contractive_one_hidden(activation_fn: Callable[[Array], Array], pre: Array,
     _, slope = jax.jvp(activation_fn, (pre,), (jnp.ones_like(pre),))
     weights = (kernel_in.T @ kernel_in) * (kernel_out @ kernel_out.T)
     return jnp.einsum("bk,kl,bl->b", slope, weights, slope)
+
+
+# --------------------------------------------------------------------------- latent-space terms
+
+
+def l2_activity(activations: Array) -> Array:
+    """Half squared L2 norm ``0.5 sum_i a_i^2`` per example (the RAE's code penalty).
+
+    Args:
+      activations: ``(B, ...)`` activations of a layer, e.g. the codes.
+
+    Returns:
+      ``(B,)``.
+
+    >>> float(l2_activity(jnp.array([[3.0, 4.0]]))[0])
+    12.5
+    """
+    if activations.ndim < 1:
+        raise ValueError("l2_activity: expected activations of shape (B, ...), got a scalar.")
+    return 0.5 * _sum_per_example(jnp.square(activations))
+
+
+def _squared_distances(x: Array, y: Array) -> Array:
+    """``||x_i - y_j||^2``, ``(N, M)``, for rows of ``x`` ``(N, D)`` and ``y`` ``(M, D)``."""
+    d = (jnp.square(x).sum(-1)[:, None] + jnp.square(y).sum(-1)[None, :] - 2.0 * x @ y.T)
+    return jnp.maximum(d, 0.0)  # rounding can make the expansion slightly negative
+
+
+def imq_kernel(x: Array, y: Array, *, scale: float) -> Array:
+    """Inverse multiquadratics kernel ``C / (C + ||x - y||^2)`` between rows, ``(N, M)``.
+
+    Args:
+      x: ``(N, D)``.
+      y: ``(M, D)``.
+      scale: ``C > 0``.
+    """
+    return scale / (scale + _squared_distances(x, y))
+
+
+def rbf_kernel(x: Array, y: Array, *, scale: float) -> Array:
+    """Gaussian (RBF) kernel ``exp(-||x - y||^2 / C)`` between rows, ``(N, M)``.
+
+    Args:
+      x: ``(N, D)``.
+      y: ``(M, D)``.
+      scale: ``C > 0``.
+    """
+    return jnp.exp(-_squared_distances(x, y) / scale)
+
+
+MMD_KERNELS: dict[str, Callable[..., Array]] = {"imq": imq_kernel, "rbf": rbf_kernel}
+
+
+def mmd(x: Array, y: Array, *, kernel: str = "imq", scales: tuple[float, ...] = (1.0,),
+        mask_x: Optional[Array] = None, mask_y: Optional[Array] = None) -> Array:
+    """Unbiased estimate of ``MMD^2`` between the samples ``x`` and ``y`` (Gretton et al. 2012).
+
+    ``1/(n(n-1)) sum_{i != j} k(x_i, x_j) + 1/(m(m-1)) sum_{i != j} k(y_i, y_j)
+    - 2/(nm) sum_{i,j} k(x_i, y_j)``, with ``k`` the sum of the kernel at each scale ``C``. The
+    Wasserstein autoencoder's penalty (Tolstikhin et al. 2018, WAE-MMD) between codes and
+    samples of the prior. A property of the two samples, not of one example: a scalar, whose
+    expectation is 0 when both samples come from the same distribution (it can be negative).
+
+    Args:
+      x: ``(N, D)`` samples (codes).
+      y: ``(M, D)`` samples (of the prior).
+      kernel: ``"imq"`` (:func:`imq_kernel`) or ``"rbf"`` (:func:`rbf_kernel`).
+      scales: the kernel scales ``C``, each > 0 (WAE: ``2 D sigma^2`` for a prior
+        ``N(0, sigma^2 I)``).
+      mask_x: optional ``(N,)``, 1 for real rows of ``x`` and 0 for padding.
+      mask_y: the same for ``y``.
+
+    Returns:
+      A scalar.
+
+    >>> x, y = jnp.zeros((2, 1)), jnp.full((2, 1), 3.0)  # k = 1 within each, 1 / (1 + 9) across
+    >>> round(float(mmd(x, y, kernel="imq", scales=(1.0,))), 4)
+    1.8
+    """
+    if kernel not in MMD_KERNELS:
+        raise ValueError(f"mmd: unknown kernel {kernel!r}; choose one of {sorted(MMD_KERNELS)}.")
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"mmd: x must be (N, D) and y (M, D); got {x.shape} and {y.shape}.")
+    scales = tuple(float(s) for s in scales)
+    if not scales or not all(s > 0 and math.isfinite(s) for s in scales):
+        raise ValueError(f"mmd: scales must be positive numbers, got {scales}.")
+    mx = jnp.ones(x.shape[:1], x.dtype) if mask_x is None else mask_x.astype(x.dtype)
+    my = jnp.ones(y.shape[:1], y.dtype) if mask_y is None else mask_y.astype(y.dtype)
+    if mx.shape != x.shape[:1] or my.shape != y.shape[:1]:
+        raise ValueError(f"mmd: masks must be (N,) and (M,); got {mx.shape} and {my.shape} for "
+                         f"x {x.shape} and y {y.shape}.")
+    k = lambda a, b: sum(MMD_KERNELS[kernel](a, b, scale=s) for s in scales)
+    n, m = mx.sum(), my.sum()
+
+    def within(a: Array, w: Array, count: Array) -> Array:
+        pairs = w[:, None] * w[None, :] * (1.0 - jnp.eye(a.shape[0], dtype=a.dtype))
+        return (k(a, a) * pairs).sum() / jnp.maximum(count * (count - 1.0), 1.0)
+
+    between = (k(x, y) * mx[:, None] * my[None, :]).sum() / jnp.maximum(n * m, 1.0)
+    return within(x, mx, n) + within(y, my, m) - 2.0 * between
+
+
+class TCDecomposition(NamedTuple):
+    """The three parts of the sampled KL ``log q(z|x) - log p(z)``, each ``(B,)`` in nats.
+
+    Attributes:
+      index_code_mi: ``log q(z|x) - log q(z)``, the index-code mutual information.
+      total_correlation: ``log q(z) - sum_d log q(z_d)``.
+      dimwise_kl: ``sum_d log q(z_d) - log p(z_d)``, the dimension-wise KL to the prior.
+    """
+
+    index_code_mi: Array
+    total_correlation: Array
+    dimwise_kl: Array
+
+
+def tc_decomposition(z: Array, mean: Array, logvar: Array, *, dataset_size: int,
+                     mask: Optional[Array] = None) -> TCDecomposition:
+    """The beta-TCVAE decomposition of the KL by minibatch-weighted sampling (Chen et al. 2018).
+
+    The aggregate posterior ``q(z) = (1/N) sum_n q(z|x_n)`` is estimated at each sample ``z_i``
+    from the batch: ``log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log(N M)``, and each marginal
+    ``log q(z_id)`` the same way one dimension at a time, where ``N`` is the size of the
+    training set and ``M`` the number of real examples in the batch. The three parts sum to
+    ``log q(z_i|x_i) - log p(z_i)`` with the prior ``N(0, I)``: their means are the ELBO's KL
+    split into index-code MI, total correlation and dimension-wise KL.
+
+    Args:
+      z: ``(B, Z)`` samples, ``z_i ~ q(z|x_i)``.
+      mean: ``(B, Z)`` posterior means.
+      logvar: ``(B, Z)`` posterior log variances.
+      dataset_size: ``N``, the number of training examples.
+      mask: optional ``(B,)``, 1 for real examples and 0 for padding; padded rows are left out
+        of every estimate (their own values are meaningless).
+
+    Returns:
+      :class:`TCDecomposition`, each part ``(B,)``.
+    """
+    if not (z.shape == mean.shape == logvar.shape) or z.ndim != 2:
+        raise ValueError(f"tc_decomposition: z, mean and logvar must all be (B, Z); got {z.shape}, "
+                         f"{mean.shape}, {logvar.shape}.")
+    if isinstance(dataset_size, bool) or int(dataset_size) != dataset_size or dataset_size < 1:
+        raise ValueError(f"tc_decomposition: dataset_size must be an integer >= 1, got "
+                         f"{dataset_size!r}.")
+    w = jnp.ones(z.shape[:1], z.dtype) if mask is None else mask.astype(z.dtype)
+    if w.shape != z.shape[:1]:
+        raise ValueError(f"tc_decomposition: mask must be (B,) = {z.shape[:1]}, got {w.shape}.")
+    # log q(z_id | x_j), (B_i, B_j, Z); padded x_j drop out of every logsumexp.
+    pairwise = -0.5 * (jnp.square(z[:, None, :] - mean[None]) * jnp.exp(-logvar[None])
+                       + logvar[None] + math.log(2 * math.pi))
+    pairwise = pairwise + jnp.where(w > 0, 0.0, -jnp.inf)[None, :, None]
+    log_nm = jnp.log(float(dataset_size) * jnp.maximum(w.sum(), 1.0))
+    log_qz_x = gaussian_log_prob(z, mean, logvar)
+    log_qz = jax.scipy.special.logsumexp(pairwise.sum(axis=2), axis=1) - log_nm
+    log_marginals = (jax.scipy.special.logsumexp(pairwise, axis=1) - log_nm).sum(axis=1)
+    log_pz = gaussian_log_prob(z)
+    return TCDecomposition(log_qz_x - log_qz, log_qz - log_marginals, log_marginals - log_pz)
+
+
+# --------------------------------------------------------------------------- vector quantization
+
+
+def _check_quantized(encoding: Array, codeword: Array, fn: str) -> None:
+    if encoding.shape != codeword.shape or encoding.ndim < 1:
+        raise ValueError(f"{fn}: encoding {encoding.shape} and codeword {codeword.shape} must "
+                         "be batches of the same shape.")
+
+
+def vq_codebook(encoding: Array, codeword: Array) -> Array:
+    """VQ-VAE codebook loss ``||sg(z_e) - e||^2`` per example (van den Oord et al. 2017).
+
+    Moves the chosen codewords toward the encoder outputs; no gradient reaches the encoder.
+
+    Args:
+      encoding: ``(B, ...)`` encoder outputs ``z_e``.
+      codeword: the chosen codewords ``e``, the same shape.
+
+    Returns:
+      ``(B,)`` squared distances summed over every latent of an example.
+    """
+    _check_quantized(encoding, codeword, "vq_codebook")
+    return _sum_per_example(jnp.square(jax.lax.stop_gradient(encoding) - codeword))
+
+
+def vq_commitment(encoding: Array, codeword: Array) -> Array:
+    """VQ-VAE commitment loss ``||z_e - sg(e)||^2`` per example (weight beta = 0.25 in the paper).
+
+    Keeps the encoder outputs near their codewords; no gradient reaches the codebook.
+
+    Args:
+      encoding: ``(B, ...)`` encoder outputs ``z_e``.
+      codeword: the chosen codewords ``e``, the same shape.
+
+    Returns:
+      ``(B,)``.
+    """
+    _check_quantized(encoding, codeword, "vq_commitment")
+    return _sum_per_example(jnp.square(encoding - jax.lax.stop_gradient(codeword)))

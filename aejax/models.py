@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aejax import pooling
+from aejax import pooling, quantize
 
 Array = jax.Array
 
@@ -83,6 +83,9 @@ def check_input(x: Array, feature_shape: Sequence[int], model: str) -> None:
                 if math.prod(x.shape[1:]) == math.prod(feature_shape) else "")
         raise ValueError(f"{model}: expected inputs of shape (B, {', '.join(map(str, feature_shape))}), "
                          f"got {tuple(x.shape)}.{hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{model}: the batch is empty (shape {tuple(x.shape)}); pass at least one "
+                         "example.")
 
 
 class MLPAutoencoder(nn.Module):
@@ -272,6 +275,28 @@ class ConvAutoencoder(nn.Module):
         return self.decode(code, switches), {"code": code}
 
 
+def _mlp_encoder_body(module: nn.Module, x: Array, layers: Sequence[nn.Dense]) -> Array:
+    """The hidden layers of an MLP encoder on flattened ``x``, each sown as ``hidden_i``."""
+    act = activation(module.activation)
+    h = x.reshape(x.shape[0], -1)
+    for i, layer in enumerate(layers):
+        h = act(layer(h))
+        module.sow("intermediates", f"hidden_{i}", h)
+    return h
+
+
+def _mlp_decoder(module: nn.Module, z: Array, size: int, what: str) -> Array:
+    """``module.out`` after ``module.dec`` on codes ``z`` ``(B, size)``, shaped like the input."""
+    if z.ndim != 2 or z.shape[1] != size:
+        raise ValueError(f"{type(module).__name__}.decode: expected {what} of shape (B, {size}), "
+                         f"got {tuple(z.shape)}.")
+    act = activation(module.activation)
+    h = z
+    for layer in module.dec:
+        h = act(layer(h))
+    return module.out(h).reshape((z.shape[0], *module.input_shape))
+
+
 class VAE(nn.Module):
     """Variational autoencoder with a diagonal Gaussian encoder and an MLP decoder.
 
@@ -310,11 +335,7 @@ class VAE(nn.Module):
     def posterior(self, x: Array) -> tuple[Array, Array]:
         """``(mean, logvar)`` of ``q(z|x)``, each ``(B, latent_size)``."""
         check_input(x, self.input_shape, "VAE")
-        act = activation(self.activation)
-        h = x.reshape(x.shape[0], -1)
-        for i, layer in enumerate(self.enc):
-            h = act(layer(h))
-            self.sow("intermediates", f"hidden_{i}", h)
+        h = _mlp_encoder_body(self, x, self.enc)
         return self.mean_layer(h), self.logvar_layer(h)
 
     def encode(self, x: Array) -> Array:
@@ -331,14 +352,7 @@ class VAE(nn.Module):
 
     def decode(self, z: Array) -> Array:
         """Logits (or means) shaped ``(B, *input_shape)``."""
-        if z.ndim != 2 or z.shape[1] != self.latent_size:
-            raise ValueError(f"VAE.decode: expected latents of shape (B, {self.latent_size}), got "
-                             f"{tuple(z.shape)}.")
-        act = activation(self.activation)
-        h = z
-        for layer in self.dec:
-            h = act(layer(h))
-        return self.out(h).reshape((z.shape[0], *self.input_shape))
+        return _mlp_decoder(self, z, self.latent_size, "latents")
 
     def decoder_log_scale(self) -> Array:
         """The Gaussian likelihood's log standard deviation (0 for Bernoulli models)."""
@@ -354,10 +368,83 @@ class VAE(nn.Module):
                                 "log_scale": self.decoder_log_scale()}
 
 
+class VQVAE(nn.Module):
+    """VQ-VAE (van den Oord et al. 2017) with MLP encoder and decoder.
+
+    The encoder maps an image to ``num_latents`` vectors of size ``code_dim``; each is replaced
+    by its nearest codeword of a learned codebook of ``num_codes`` (:class:`aejax.quantize.
+    VectorQuantizer`), and the decoder reads the codewords. Gradients pass the quantization
+    straight through, so the codebook learns only from the ``codebook`` loss term and the
+    encoder is held near it by the ``commitment`` term.
+
+    ``aux`` holds, beside the ``code`` (the quantized latents, flattened to ``(B, num_latents *
+    code_dim)``), the encoder outputs ``encoding`` and the chosen codewords ``codeword`` (the
+    same shape; the terms' inputs) and ``code_counts`` ``(B, num_codes)`` (how many latents of
+    each example chose each codeword: the codebook-use metrics).
+
+    Attributes:
+      input_shape: per-example input shape.
+      hidden: encoder hidden widths (the decoder mirrors them).
+      num_latents: vectors quantized per example.
+      code_dim: size of each vector and codeword.
+      num_codes: size of the codebook.
+      activation: hidden activation name.
+    """
+
+    input_shape: Sequence[int] = (784,)
+    hidden: Sequence[int] = (256,)
+    num_latents: int = 16
+    code_dim: int = 8
+    num_codes: int = 64
+    activation: str = "relu"
+
+    def setup(self):
+        activation(self.activation)
+        if min(self.num_latents, self.code_dim, self.num_codes, *self.hidden) <= 0:
+            raise ValueError(f"VQVAE: sizes must be positive, got hidden={self.hidden}, "
+                             f"num_latents={self.num_latents}, code_dim={self.code_dim}, "
+                             f"num_codes={self.num_codes}.")
+        self.enc = [nn.Dense(w, name=f"encoder_{i}") for i, w in enumerate(self.hidden)]
+        self.enc_out = nn.Dense(self.num_latents * self.code_dim, name="encoder_out")
+        self.quantizer = quantize.VectorQuantizer(self.num_codes, self.code_dim, name="quantizer")
+        self.dec = [nn.Dense(w, name=f"decoder_{i}") for i, w in enumerate(reversed(self.hidden))]
+        self.out = nn.Dense(math.prod(self.input_shape), name="decoder_out")
+
+    @property
+    def code_size(self) -> int:
+        return self.num_latents * self.code_dim
+
+    def quantized(self, x: Array) -> tuple[Array, quantize.Quantized]:
+        """The encoder outputs ``(B, num_latents, code_dim)`` and their :class:`Quantized`."""
+        check_input(x, self.input_shape, "VQVAE")
+        h = _mlp_encoder_body(self, x, self.enc)
+        encoding = self.enc_out(h).reshape(x.shape[0], self.num_latents, self.code_dim)
+        return encoding, self.quantizer(encoding)
+
+    def encode(self, x: Array) -> Array:
+        """The quantized codes ``(B, num_latents * code_dim)`` (straight-through gradients)."""
+        return self.quantized(x)[1].code.reshape(x.shape[0], -1)
+
+    def decode(self, z: Array) -> Array:
+        """Logits ``(B, *input_shape)`` from quantized codes ``(B, num_latents * code_dim)``."""
+        return _mlp_decoder(self, z, self.code_size, "codes")
+
+    def __call__(self, x: Array) -> tuple[Array, dict[str, Array]]:
+        """``(logits, aux)`` with ``code``, ``encoding``, ``codeword`` and ``code_counts``."""
+        encoding, q = self.quantized(x)
+        flat = lambda a: a.reshape(x.shape[0], -1)
+        code = flat(q.code)
+        self.sow("intermediates", "code", code)
+        return self.decode(code), {"code": code, "encoding": flat(encoding),
+                                   "codeword": flat(q.codeword),
+                                   "code_counts": quantize.code_counts(q.indices, self.num_codes)}
+
+
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLPAutoencoder,
     "conv": ConvAutoencoder,
     "vae": VAE,
+    "vqvae": VQVAE,
 }
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aejax import losses, models
+from aejax import losses, models, quantize, vae
 
 Array = jax.Array
 Term = Callable[["Forward"], Array]
@@ -55,6 +55,10 @@ class Forward(NamedTuple):
     def encode(self, x: Array) -> Array:
         """The deterministic encoder (a VAE's posterior mean) at the current parameters."""
         return models.encoder(self.model, self.params)(x)
+
+    def decode(self, code: Array) -> Array:
+        """The decoder ``(B, H) -> logits`` at the current parameters."""
+        return models.decoder(self.model, self.params)(code)
 
 
 def forward(model: nn.Module, params: Any, x: Array, x_in: Array, *, rng: Array,
@@ -220,6 +224,184 @@ def gaussian_kl() -> Term:
     return term
 
 
+def _extra(f: Forward, name: str, term: str, model_hint: str) -> Array:
+    if name not in f.extras:
+        raise ValueError(f"The {term!r} term needs aux[{name!r}], which {type(f.model).__name__} "
+                         f"does not return ({model_hint}).")
+    return f.extras[name]
+
+
+_STOCHASTIC = "use model.name='vae'"
+_QUANTIZED = "use model.name='vqvae'"
+
+
+def l2_activity(layer: str = "code") -> Term:
+    """Half squared L2 norm ``0.5 sum_i a_i^2`` of ``layer`` (the RAE's code penalty, Ghosh et al. 2020)."""
+    return lambda f: losses.l2_activity(_layer(f, layer))
+
+
+def decoder_jacobian(*, mode: str = "auto", chunk_size: Optional[int] = None,
+                     num_probes: int = 1) -> Term:
+    """RAE gradient penalty: ``||d decode(z) / d z||_F^2`` at each example's code (Ghosh et al. 2020).
+
+    The squared Frobenius norm of the decoder's Jacobian (of its outputs, the logits) with
+    respect to the code ``z = aux["code"]``, exact through :func:`aejax.losses.contractive`
+    (``"auto"``: one JVP per code unit, since codes are smaller than images).
+
+    Args:
+      mode: one of :data:`aejax.losses.CONTRACTIVE_MODES`.
+      chunk_size: examples at a time, to bound memory.
+      num_probes: probes per example for ``"estimate"``.
+    """
+    if mode not in losses.CONTRACTIVE_MODES:
+        raise ValueError(f"Unknown decoder_jacobian mode {mode!r}; choose one of "
+                         f"{losses.CONTRACTIVE_MODES}.")
+
+    def term(f: Forward) -> Array:
+        decode = lambda z: f.decode(z).reshape(z.shape[0], -1)
+        return losses.contractive(decode, f.code, mode=mode, chunk_size=chunk_size,
+                                  num_probes=num_probes, rng=f.rng)
+
+    return term
+
+
+def mmd(*, kernel: str = "imq", sigma: float = 1.0,
+        scales: tuple[float, ...] = (1.0,)) -> Term:
+    """WAE-MMD penalty (Tolstikhin et al. 2018): unbiased ``MMD^2`` of the codes to ``N(0, I)``.
+
+    Prior samples, as many as the batch's examples, are drawn from the term's key; the kernel
+    scale is ``C = 2 H sigma^2`` for codes of size ``H`` (the paper's choice with ``sigma`` the
+    prior's standard deviation, 1), times each factor of ``scales`` (the paper's code sums the
+    kernel over several). A batch value, given to each example; padded rows are left out.
+
+    Args:
+      kernel: ``"imq"`` or ``"rbf"`` (:data:`aejax.losses.MMD_KERNELS`).
+      sigma: ``sigma`` of the scale, > 0.
+      scales: factors of ``C``, each > 0.
+    """
+    if kernel not in losses.MMD_KERNELS:
+        raise ValueError(f"mmd: unknown kernel {kernel!r}; choose one of "
+                         f"{sorted(losses.MMD_KERNELS)}.")
+    factors = tuple(float(s) for s in scales)
+    if not (sigma > 0 and math.isfinite(sigma)) or not factors or min(factors) <= 0:
+        raise ValueError(f"mmd: sigma and scales must be positive, got sigma={sigma}, "
+                         f"scales={scales}.")
+
+    def term(f: Forward) -> Array:
+        code = f.code.reshape(f.code.shape[0], -1)
+        prior = jax.random.normal(f.rng, code.shape, code.dtype)
+        base = 2.0 * code.shape[1] * sigma ** 2
+        value = losses.mmd(code, prior, kernel=kernel, scales=tuple(base * c for c in factors),
+                           mask_x=f.mask, mask_y=f.mask)
+        return jnp.broadcast_to(value, code.shape[:1])
+
+    return term
+
+
+def _tc_part(part: str, dataset_size: Optional[int]) -> Term:
+    if dataset_size is None or isinstance(dataset_size, bool) or int(dataset_size) != dataset_size \
+            or dataset_size < 1:
+        raise ValueError(f"{part} needs dataset_size=N >= 1, the number of training examples "
+                         f"(the minibatch-weighted estimator's log(N M)); got {dataset_size!r}.")
+
+    def term(f: Forward) -> Array:
+        mean = _extra(f, "mean", part, _STOCHASTIC)
+        logvar = _extra(f, "logvar", part, _STOCHASTIC)
+        parts = losses.tc_decomposition(f.code, mean, logvar, dataset_size=int(dataset_size),
+                                        mask=f.mask)
+        return getattr(parts, part)
+
+    return term
+
+
+def index_code_mi(*, dataset_size: Optional[int] = None) -> Term:
+    """beta-TCVAE index-code mutual information ``log q(z|x) - log q(z)`` (weight alpha).
+
+    Minibatch-weighted sampling (Chen et al. 2018), :func:`aejax.losses.tc_decomposition`.
+
+    Args:
+      dataset_size: ``N``, the number of training examples.
+    """
+    return _tc_part("index_code_mi", dataset_size)
+
+
+def total_correlation(*, dataset_size: Optional[int] = None) -> Term:
+    """beta-TCVAE total correlation ``log q(z) - sum_d log q(z_d)`` (weight beta).
+
+    Args:
+      dataset_size: ``N``, the number of training examples.
+    """
+    return _tc_part("total_correlation", dataset_size)
+
+
+def dimwise_kl(*, dataset_size: Optional[int] = None) -> Term:
+    """beta-TCVAE dimension-wise KL ``sum_d log q(z_d) - log p(z_d)`` (weight gamma).
+
+    Args:
+      dataset_size: ``N``, the number of training examples.
+    """
+    return _tc_part("dimwise_kl", dataset_size)
+
+
+def iwae(*, num_samples: int = 5) -> Term:
+    """IWAE training objective: minus the importance-weighted bound with ``k`` samples (Burda et al. 2016).
+
+    The bound of :func:`aejax.vae.iwae` on the clean target, with the posterior of the forward
+    pass (``aux["mean"]``, ``aux["logvar"]``) and sample ``k`` drawn from ``fold_in(rng, k)`` of
+    the term's key, so it equals ``-vae.iwae(model, params, x, rng, num_samples=k)``. ``k = 1``
+    is a single-sample estimate of minus the ELBO. Train with it alone: set
+    ``loss.reconstruction_weight`` to 0 (the ``kl`` term at weight 0 still reports the ELBO).
+
+    Args:
+      num_samples: ``k >= 1``.
+    """
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"iwae: num_samples must be an integer >= 1, got {num_samples!r}.")
+
+    def term(f: Forward) -> Array:
+        posterior = (_extra(f, "mean", "iwae", _STOCHASTIC), _extra(f, "logvar", "iwae", _STOCHASTIC))
+        return -vae.iwae(f.model, f.params, f.x, f.rng, num_samples=int(num_samples),
+                         posterior=posterior)
+
+    return term
+
+
+def codebook() -> Term:
+    """VQ-VAE codebook loss ``||sg(z_e) - e||^2`` (:func:`aejax.losses.vq_codebook`)."""
+    return lambda f: losses.vq_codebook(_extra(f, "encoding", "codebook", _QUANTIZED),
+                                        _extra(f, "codeword", "codebook", _QUANTIZED))
+
+
+def commitment() -> Term:
+    """VQ-VAE commitment loss ``||z_e - sg(e)||^2`` (weight beta, 0.25 in the paper)."""
+    return lambda f: losses.vq_commitment(_extra(f, "encoding", "commitment", _QUANTIZED),
+                                          _extra(f, "codeword", "commitment", _QUANTIZED))
+
+
+def _codebook_statistic(name: str, statistic: Callable[[Array, Array], Array]) -> Term:
+    def term(f: Forward) -> Array:
+        counts = _extra(f, "code_counts", name, _QUANTIZED)
+        return jnp.broadcast_to(statistic(counts, f.mask), counts.shape[:1])
+
+    return term
+
+
+def codebook_perplexity() -> Term:
+    """The batch's codebook perplexity (:func:`aejax.quantize.perplexity`), given to each example.
+
+    A diagnostic without gradient: give it weight 0 to report it.
+    """
+    return _codebook_statistic("codebook_perplexity", quantize.perplexity)
+
+
+def codebook_usage() -> Term:
+    """Fraction of codewords the batch uses (:func:`aejax.quantize.usage`), given to each example.
+
+    A diagnostic without gradient: give it weight 0 to report it.
+    """
+    return _codebook_statistic("codebook_usage", quantize.usage)
+
+
 # --------------------------------------------------------------------------- combination
 
 
@@ -288,16 +470,39 @@ TERMS: dict[str, Callable[..., Term]] = {
     "kl_sparsity": kl_sparsity,
     "contractive": contractive,
     "kl": gaussian_kl,
+    "l2_activity": l2_activity,
+    "decoder_jacobian": decoder_jacobian,
+    "mmd": mmd,
+    "index_code_mi": index_code_mi,
+    "total_correlation": total_correlation,
+    "dimwise_kl": dimwise_kl,
+    "iwae": iwae,
+    "codebook": codebook,
+    "commitment": commitment,
+    "codebook_perplexity": codebook_perplexity,
+    "codebook_usage": codebook_usage,
 }
 
+# Terms that read a posterior (aux["mean"], aux["logvar"]), and those that read a quantizer's aux.
+POSTERIOR_TERMS = ("kl", "index_code_mi", "total_correlation", "dimwise_kl", "iwae")
+QUANTIZER_TERMS = ("codebook", "commitment", "codebook_perplexity", "codebook_usage")
 
-def build(reconstruction_kind: str, terms: Mapping[str, Mapping[str, Any]]) -> Objective:
+
+def build(reconstruction_kind: str, terms: Mapping[str, Mapping[str, Any]], *,
+          reconstruction_weight: float = 1.0) -> Objective:
     """Objective from configuration: a reconstruction term plus ``{kind: {weight, options...}}``.
 
     A term's options are its factory's keyword arguments; ``warmup_steps`` makes the weight rise
-    linearly from 0. Example: ``build("bce", {"contractive": {"weight": 0.1}})``.
+    linearly from 0. Example: ``build("bce", {"contractive": {"weight": 0.1}})``. The
+    reconstruction term is always there (its images give the error metrics); at
+    ``reconstruction_weight=0`` it is reported but not trained (an objective of the ``iwae``
+    term alone).
     """
-    spec: dict[str, tuple[Weight, Term]] = {"reconstruction": (1.0, reconstruction(reconstruction_kind))}
+    if not math.isfinite(float(reconstruction_weight)) or float(reconstruction_weight) < 0:
+        raise ValueError(f"The reconstruction weight is {reconstruction_weight}; weights must be "
+                         "finite and >= 0.")
+    spec: dict[str, tuple[Weight, Term]] = {
+        "reconstruction": (float(reconstruction_weight), reconstruction(reconstruction_kind))}
     for kind, options in terms.items():
         if kind not in TERMS:
             raise ValueError(f"Unknown loss term {kind!r}; choose from {sorted(TERMS)}.")
@@ -319,12 +524,31 @@ def check_compatible(model: nn.Module, params: Any, x: Array,
     """Errors that can be found before training, from one forward pass on the batch ``x``.
 
     A KL sparsity needs mean activations in (0, 1) (sigmoid units): the layer's values on ``x``
-    must lie in [0, 1]. A KL term needs a stochastic model (``aux["mean"]``, ``aux["logvar"]``).
+    must lie in [0, 1]. The KL, total-correlation and IWAE terms need a stochastic model
+    (``aux["mean"]``, ``aux["logvar"]``; IWAE also ``posterior`` and ``decode``), the VQ terms a
+    quantizer's ``aux``, the decoder penalty a ``decode`` that runs on codes.
     """
     _, aux, activations = models.forward(model, params, x, jax.random.PRNGKey(0))
-    if "kl" in terms and not ("mean" in aux and "logvar" in aux):
-        raise ValueError(f"The 'kl' term needs a stochastic encoder (aux['mean'], aux['logvar']); "
-                         f"{type(model).__name__} has none. Set model.name='vae' or remove the term.")
+    name = type(model).__name__
+    for kind in (k for k in POSTERIOR_TERMS if k in terms):
+        if not ("mean" in aux and "logvar" in aux):
+            raise ValueError(f"The {kind!r} term needs a stochastic encoder (aux['mean'], "
+                             f"aux['logvar']); {name} has none. Set model.name='vae' or remove "
+                             "the term.")
+    if "iwae" in terms and not all(callable(getattr(model, m, None)) for m in ("posterior", "decode")):
+        raise ValueError(f"The 'iwae' term needs a model with posterior(x) and decode(z) (as "
+                         f"aejax.models.VAE has); {name} lacks them. Set model.name='vae'.")
+    for kind in (k for k in QUANTIZER_TERMS if k in terms):
+        missing = sorted({"encoding", "codeword", "code_counts"} - set(aux))
+        if missing:
+            raise ValueError(f"The {kind!r} term needs a vector-quantized model (aux {missing}); "
+                             f"{name} has none. Set model.name='vqvae' or remove the term.")
+    if "decoder_jacobian" in terms:
+        try:
+            jax.eval_shape(models.decoder(model, params), aux["code"])
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"The 'decoder_jacobian' term needs model.decode(code) on codes "
+                             f"alone; on {name} it fails: {e}") from None
     if "kl_sparsity" in terms:
         layer = dict(terms["kl_sparsity"]).get("layer", "code")
         if layer not in activations:

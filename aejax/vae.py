@@ -110,9 +110,8 @@ def _elbo(encode_fn: EncodeFn, log_lik_fn: LogLikFn, x: Array, rng: Array,
     return reconstruction - losses.gaussian_kl(mean, logvar)
 
 
-def _iwae(encode_fn: EncodeFn, log_lik_fn: LogLikFn, x: Array, rng: Array, num_samples: int,
-          chunk_size: Optional[int]) -> Array:
-    posterior = encode_fn(x)  # once: the encoder does not depend on the sample
+def _iwae(posterior: tuple[Array, Array], log_lik_fn: LogLikFn, x: Array, rng: Array,
+          num_samples: int, chunk_size: Optional[int]) -> Array:
     if chunk_size is None or chunk_size >= num_samples:
         lw = _log_weights_at(posterior, log_lik_fn, x, rng, jnp.arange(num_samples))
         return losses.iwae_bound(lw)
@@ -213,7 +212,8 @@ def log_weights(model: models.VAE, params, x: Array, rng: Array, num_samples: in
 
 
 def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
-         chunk_size: Optional[int] = None) -> Array:
+         chunk_size: Optional[int] = None,
+         posterior: Optional[tuple[Array, Array]] = None) -> Array:
     """Importance-weighted bound ``log (1/k) sum_k p(x, z_k) / q(z_k|x)`` (Burda et al. 2016).
 
     A lower bound on ``log p(x)`` that rises toward it as ``k = num_samples`` grows; ``k = 1`` is
@@ -229,6 +229,9 @@ def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
       rng: PRNG key.
       num_samples: ``k >= 1``.
       chunk_size: samples per chunk (>= 1); ``None`` takes all at once.
+      posterior: ``(mean, logvar)`` of ``q(z|x)``, each ``(B, Z)``, where a forward pass has
+        computed them already (the ``iwae`` training term); by default the model's
+        ``posterior(x)``.
 
     Returns:
       ``(B,)`` bounds, in nats.
@@ -238,7 +241,10 @@ def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
     num_samples = _check_count(num_samples, "num_samples", "iwae")
     if chunk_size is not None:
         chunk_size = _check_count(chunk_size, "chunk_size", "iwae")
-    return _iwae(*_bind(model, params), x, rng, num_samples, chunk_size)
+    encode_fn, log_lik_fn = _bind(model, params)
+    if posterior is None:
+        posterior = encode_fn(x)  # once: the encoder does not depend on the sample
+    return _iwae(posterior, log_lik_fn, x, rng, num_samples, chunk_size)
 
 
 def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool = True,
@@ -314,9 +320,7 @@ def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int =
     num_samples = _check_count(num_samples, "num_samples", "evaluate_nll")
     batch_size = _check_count(batch_size, "batch_size", "evaluate_nll")
     chunk_size = _check_count(chunk_size, "chunk_size", "evaluate_nll")
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("evaluate_nll: x holds no examples.")
+    n = x.shape[0]  # >= 1: _check_x refuses an empty batch
     xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, n))
     sums = [_batch_iwae_sum(params, batch, mask > 0, rng, np.int32(i), model=model,
                             num_samples=num_samples, chunk_size=chunk_size)

@@ -16,7 +16,7 @@ import os
 import time
 
 FAMILY = ("vanilla", "multilayer", "conv", "denoising", "sparse_l1", "sparse_kl", "contractive",
-          "tied", "stacked", "vae")
+          "tied", "stacked", "vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
 
 
 def load_config(name: str):
@@ -42,7 +42,9 @@ def row(name: str, s: dict) -> str:
     t = s["test"]
     pca = s.get("pca", {}).get("test", {}).get("squared_error_per_image")
     extra = []
-    for key in ("l1", "kl_sparsity", "contractive", "kl", "elbo", "iwae_nll"):
+    for key in ("l1", "kl_sparsity", "contractive", "kl", "index_code_mi", "total_correlation",
+                "dimwise_kl", "mmd", "l2_activity", "decoder_jacobian", "codebook_perplexity",
+                "codebook_usage", "iwae", "elbo", "iwae_nll"):
         if key in t:
             extra.append(f"{key} {t[key]:.4g}")
     if s.get("scratch_test"):

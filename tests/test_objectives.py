@@ -250,8 +250,8 @@ def test_invalid_weights_raise(weight):
 def test_build_and_combine_errors():
     with pytest.raises(ValueError, match="an objective needs at least one term"):
         objectives.combine({})
-    with pytest.raises(ValueError, match=r"Unknown loss term 'dropout'; choose from \['contractive', "
-                                         r"'kl', 'kl_sparsity', 'l1'\]"):
+    with pytest.raises(ValueError, match=r"Unknown loss term 'dropout'; choose from \['codebook', "
+                                         r".*'contractive', .*'kl', 'kl_sparsity', 'l1', .*'mmd'"):
         objectives.build("bce", {"dropout": {"weight": 0.1}})
     with pytest.raises(ValueError, match=r"Loss term 'l1' got unknown options \['rho'\]"):
         objectives.build("bce", {"l1": {"weight": 0.1, "rho": 0.05}})

@@ -386,7 +386,7 @@ def test_invalid_inputs_raise_clear_errors(bernoulli_vae):
         vae.evaluate_nll(model, params, np.zeros((4, 6), np.uint8), rng)
     with pytest.raises(ValueError, match=r"shape \(B, 6\)"):
         vae.elbo(model, params, x[:, :5], rng)
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="the batch is empty"):
         vae.evaluate_nll(model, params, x[:0], rng)
     with pytest.raises(ValueError, match="model must be stochastic"):
         vae.sample_prior(models.MLPAutoencoder(input_shape=(6,)), params, rng, 3)
