@@ -22,7 +22,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, summary.json and figures.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard event files, summary.json "
+                    "and figures.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/fashion_deep.py.",
                                 lock_config=True)
 flags.DEFINE_bool("traceback", False, "On an error, raise it with its traceback instead of "

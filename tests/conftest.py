@@ -54,3 +54,15 @@ def fashion_data_dir(tmp_path_factory) -> str:
         pytest.skip("Debian package dataset-fashion-mnist is not installed "
                     "(apt-get install dataset-fashion-mnist; ./run.sh test installs it)")
     return offline.prepare("fashion_mnist")
+
+
+@pytest.fixture
+def x64():
+    """The test computes in float64; the flag is restored afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+def rbg_key(seed):
+    """A typed "rbg" key: threefry programs take seconds each to compile on a shared CPU."""
+    return jax.random.key(seed, impl="rbg")

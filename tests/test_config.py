@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import importlib.util
 import os
 
 import flax.linen as nn
@@ -94,6 +95,7 @@ def tiny_config(**overrides):
     ("optimizer.schedule", "cyclic", "Unknown optimizer.schedule 'cyclic'"),
     ("parallel", "gpu", "Unknown parallel mode 'gpu'"),
     ("compute_dtype", "fp16", "Unknown compute_dtype 'fp16'"),
+    ("wandb.mode", "cloud", "Unknown W&B mode 'cloud' \\(wandb.mode\\)"),
     # ranges
     ("model.code_size", 0, "model.code_size must be positive"),
     ("model.hidden", (64, 0), "model.hidden must be a tuple of positive integers"),
@@ -131,17 +133,41 @@ def tiny_config(**overrides):
     # types
     ("model.tied", 1, "model.tied must be True or False"),
     ("figures", "yes", "figures must be True or False"),
+    ("tensorboard", "yes", "tensorboard must be True or False"),
+    ("wandb.enabled", 1, "wandb.enabled must be True or False"),
+    ("wandb.project", "", "wandb.project must be a W&B project name"),
     ("data.flat", None, "data.flat must be True or False"),
     ("num_epochs", 2.5, "num_epochs must be positive"),
     ("seed", True, "seed must be an integer"),
     # the builders' own checks, run by validate
     ("model.widths", (3,), "Model 'mlp' has no option\\(s\\) \\['widths'\\]"),
     ("loss.terms.contractive.probes", 2, "got unknown options"),
+    # the generative members' terms
+    ("loss.reconstruction_weight", -1.0, "loss.reconstruction_weight must be a finite number >= 0"),
+    ("loss.terms.mmd", {"kernel": "laplace"}, "Unknown mmd kernel 'laplace' \\(loss.terms.mmd.kernel\\)"),
+    ("loss.terms.mmd", {"sigma": 0.0}, "loss.terms.mmd.sigma must be a positive number"),
+    ("loss.terms.mmd", {"scales": (1.0, -2.0)}, "mmd: sigma and scales must be positive"),
+    ("loss.terms.total_correlation", {"weight": 6.0}, "total_correlation needs dataset_size=N"),
+    ("loss.terms.dimwise_kl", {"dataset_size": 0}, "dimwise_kl.dataset_size must be positive"),
+    ("loss.terms.iwae", {"num_samples": 0}, "loss.terms.iwae.num_samples must be positive"),
+    ("loss.terms.decoder_jacobian", {"mode": "dense"},
+     "Unknown decoder_jacobian mode 'dense' \\(loss.terms.decoder_jacobian.mode\\); choose one of 'fwd'"),
 ])
 def test_validate_rejects_each_bad_value_in_one_line(key, value, match):
     with pytest.raises(run_config.ConfigError, match=match) as e:
         run_config.validate(tiny_config(**{key: value}))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,package", [("tensorboard", "tensorboardX"),
+                                         ("wandb.enabled", "wandb")])
+def test_a_writer_whose_package_is_missing_is_a_config_error(monkeypatch, key, package):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else find_spec(name, *a))
+    with pytest.raises(run_config.ConfigError, match=f"{key}=True needs the {package} package"):
+        run_config.validate(tiny_config(**{key: True}))
+    run_config.validate(tiny_config(**{key: False}))
 
 
 def test_validate_checks_corruption_options_and_term_ranges():
@@ -219,3 +245,27 @@ def test_unknown_nested_key_suggests_its_dotted_path():
     c.optimizer.lr = 0.1
     with pytest.raises(run_config.ConfigError, match="Did you mean 'optimizer.learning_rate'"):
         run_config.check_config(c)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("monitor", "foo", "monitor 'foo' is not a validation metric"),
+    ("model.upsampling", "cubic", "upsampling"),
+    ("model.likelihood", "poisson", "likelihood"),
+])
+def test_model_objective_and_monitor_are_checked_before_the_data_is_read(monkeypatch, key, value,
+                                                                          match):
+    from aejax.data import splits as splits_lib
+    from aejax.runtime import trainer
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the configuration was checked")
+
+    monkeypatch.setattr(splits_lib, "load", no_data)
+    cfg = run_config.default_config()
+    if key.startswith("model."):
+        cfg.model.name = "conv" if key == "model.upsampling" else "vae"
+        cfg.data.flat = key != "model.upsampling"
+    section, _, name = key.rpartition(".")
+    (cfg.model if section == "model" else cfg)[name] = value
+    with pytest.raises(ValueError, match=match):
+        trainer.build_experiment(cfg)

@@ -121,3 +121,37 @@ def test_network_probe():
 def test_unknown_name():
     with pytest.raises(offline.DataError, match=r"mnist.*fashion_mnist"):
         offline.prepare("cifar10")
+
+
+def test_errors_name_aejax_data_dir_when_it_chose_the_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(offline, "_network_available", lambda *args, **kwargs: False)
+    monkeypatch.setenv("AEJAX_DATA_DIR", str(tmp_path / "from-env"))
+    with pytest.raises(offline.DataError, match=r"from-env \(from \$AEJAX_DATA_DIR\)"):
+        offline.prepare("mnist")
+
+
+def prepared_copy(fashion_data_dir, tmp_path) -> pathlib.Path:
+    """A private copy of the prepared Fashion-MNIST tfds directory."""
+    copy = tmp_path / "tfds"
+    shutil.copytree(pathlib.Path(fashion_data_dir) / "fashion_mnist", copy / "fashion_mnist")
+    return copy
+
+
+def test_a_truncated_prepared_file_is_one_line_with_the_fix(fashion_data_dir, tmp_path):
+    data_dir = prepared_copy(fashion_data_dir, tmp_path)
+    (record,) = data_dir.glob("fashion_mnist/*/fashion_mnist-test.tfrecord*")
+    with open(record, "r+b") as f:
+        f.truncate(record.stat().st_size // 2)
+    with pytest.raises(offline.DataError) as err:
+        data_splits.load_arrays("fashion_mnist", "test", data_dir=str(data_dir))
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot be read" in msg
+    assert f"Delete {data_dir / 'fashion_mnist'}" in msg
+
+
+def test_manual_dir_given_for_a_prepared_dataset_is_reported(fashion_data_dir, tmp_path, caplog):
+    data_dir = prepared_copy(fashion_data_dir, tmp_path)
+    with caplog.at_level("WARNING", logger="aejax.data.offline"):
+        assert offline.prepare("fashion_mnist", data_dir=str(data_dir),
+                               manual_dir=str(tmp_path)) == str(data_dir)
+    assert "is not read" in caplog.text and "already prepared" in caplog.text

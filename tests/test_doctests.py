@@ -5,8 +5,9 @@ import importlib
 
 import pytest
 
-MODULES = ["aejax.losses", "aejax.objectives", "aejax.models", "aejax.vae", "aejax.step",
-           "aejax.corruptions", "aejax.pooling", "aejax.pca", "aejax.data.batching"]
+MODULES = ["aejax.losses", "aejax.jacobians", "aejax.objectives", "aejax.models", "aejax.quantize",
+           "aejax.vae",
+           "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.pca", "aejax.data.batching"]
 
 
 @pytest.mark.parametrize("name", MODULES)

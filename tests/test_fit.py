@@ -73,13 +73,18 @@ def test_fit_is_the_pure_step_on_the_epochs_batches():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(epochs=-1), "epochs must be an integer >= 0"),
     (dict(epochs=1.5), "epochs must be an integer >= 0"),
+    (dict(epochs=1, batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(epochs=1, x_train=np.zeros((0, 64), np.float32)), "x_train is empty"),
+    (dict(epochs=1, x_train=np.floor(low_rank_images(64) * 255)), "scale images to"),
 ])
 def test_fit_refuses_bad_arguments(kwargs, match):
     model = tiny_model()
     params = models.init(model, jax.random.PRNGKey(0), jnp.zeros((1, 64)))
     per_example = step.make_per_example_fn(model, objectives.build("bce", {}))
+    kwargs = dict(kwargs)
+    x_train = kwargs.pop("x_train", low_rank_images(64))
     with pytest.raises(ValueError, match=match):
-        fit.fit(per_example, params, optax.sgd(0.1), low_rank_images(64), **kwargs)
+        fit.fit(per_example, params, optax.sgd(0.1), x_train, **kwargs)
     with pytest.raises(ValueError, match="scale images to floats"):
         fit.fit(per_example, params, optax.sgd(0.1),
                 (low_rank_images(64) * 255).astype(np.uint8), epochs=1)

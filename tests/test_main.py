@@ -20,10 +20,15 @@ def cli(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_tiny_config_end_to_end_then_resume_is_a_no_op(fashion_data_dir, tmp_path):
+def test_tiny_config_end_to_end_extended_by_an_override_then_resume_is_a_no_op(fashion_data_dir,
+                                                                              tmp_path):
     work = tmp_path / "run"
-    first = cli("--config=experiments/configs/tiny.py", f"--workdir={work}")
+    first = cli("--config=experiments/configs/tiny.py", f"--workdir={work}", "--config.num_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    # A finished run with more epochs asked for continues from its last checkpoint.
+    more = cli("--config=experiments/configs/tiny.py", f"--workdir={work}")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "Resumed from step 20" in more.stderr
     summary = json.loads((work / "summary.json").read_text())
     assert summary["dataset"] == "fashion_mnist" and summary["epochs_run"] == 2
     assert summary["steps"] == 2 * (2000 // 100)
@@ -32,22 +37,17 @@ def test_tiny_config_end_to_end_then_resume_is_a_no_op(fashion_data_dir, tmp_pat
     for name in ("reconstructions.png", "learning_curves.png", "pca_vs_autoencoder.png"):
         assert (work / name).stat().st_size > 1000
     lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"validation"' in line] == [20, 40]
+    # TensorBoard: one event file per process that trained (the first run and the extension).
+    events = {p: p.read_bytes() for p in work.glob("events.out.tfevents.*")}
+    assert len(events) == 2 and all(len(b) > 1000 for b in events.values())
     # Running again finds the finished run: no step is retrained, the same test numbers result.
     again = cli("--config=experiments/configs/tiny.py", f"--workdir={work}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "is finished" in again.stderr
     assert json.loads((work / "summary.json").read_text())["test"] == summary["test"]
     assert (work / "metrics.jsonl").read_text().splitlines() == lines
-
-
-def test_override_extends_a_finished_run(fashion_data_dir, tmp_path):
-    work = tmp_path / "run"
-    assert cli("--config=experiments/configs/tiny.py", f"--workdir={work}",
-               "--config.num_epochs=1").returncode == 0
-    more = cli("--config=experiments/configs/tiny.py", f"--workdir={work}", "--config.num_epochs=2")
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert "Resumed from step 20" in more.stderr
-    assert json.loads((work / "summary.json").read_text())["epochs_run"] == 2
+    assert {p: p.read_bytes() for p in work.glob("events.out.tfevents.*")} == events
 
 
 @pytest.mark.parametrize("args,message", [

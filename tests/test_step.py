@@ -94,3 +94,25 @@ def test_per_device_step_equals_the_global_step_on_one_device():
     out, metrics = step.make_pmap_step(fn, tx)(stacked, {"x": x[None]}, jax.random.PRNGKey(3))
     for a, b in zip(jax.tree.leaves((ref, ref_metrics)), jax.tree.leaves((out, metrics))):
         np.testing.assert_allclose(np.asarray(b)[0], a, rtol=1e-6, atol=1e-7)
+
+
+def test_an_empty_batch_is_a_clear_error_everywhere():
+    from aejax import losses
+
+    model = models.MLPAutoencoder(hidden=(8,), code_size=3, input_shape=(16,))
+    x = jnp.zeros((2, 16))
+    empty = jnp.zeros((0, 16))
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        models.init(model, jax.random.PRNGKey(0), empty)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        model.apply({"params": params}, empty, rngs={models.SAMPLE_RNG: jax.random.PRNGKey(0)})
+    for fn in (losses.bce_with_logits, losses.squared_error, losses.mse):
+        with pytest.raises(ValueError, match="the batch is empty"):
+            fn(empty, empty)
+    with pytest.raises(ValueError, match="B >= 1"):
+        losses.contractive(lambda v: v[:, :2], empty)
+    tx = optax.sgd(0.1)
+    train_step = step.make_train_step(step.make_per_example_fn(model, objectives.build("bce", {})), tx)
+    with pytest.raises(ValueError, match="the batch is empty"):
+        train_step(step.TrainState.create(params, tx), {"x": empty}, jax.random.PRNGKey(0))

@@ -352,11 +352,14 @@ def metrics_lines(workdir):
 
 
 def assert_same_metrics(got, want):
-    """The same lines in the same order: every step once, every value to float tolerance."""
+    """The same lines in the same order: every step once, every value to float tolerance
+    (but the wall-clock timings)."""
     assert [(l["step"], l["split"]) for l in got] == [(l["step"], l["split"]) for l in want]
     for a, b in zip(got, want):
         assert a.keys() == b.keys()
         for k in a:
+            if k in trainer.TIMING_FIELDS:
+                continue
             if isinstance(a[k], str):
                 assert a[k] == b[k]
             else:
@@ -370,7 +373,7 @@ def interrupt(tmp_path, work, epochs, sig, after_step):
     proc = subprocess.Popen([sys.executable, str(script), str(work), str(epochs)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckdir = work / "checkpoints"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # start-up and compiling, on a loaded machine
     sent = None
     while time.time() < deadline and proc.poll() is None:
         steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []

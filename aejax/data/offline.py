@@ -6,6 +6,7 @@ Rebuilds Debian's gzip headers, verifies checksums against the installed tfds, f
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import socket
@@ -34,6 +35,8 @@ _UPSTREAM_GZIP_MTIME = {
 
 _NETWORK_TIMEOUT_S = 3.0
 
+log = logging.getLogger(__name__)
+
 
 class DataError(ValueError):
     """Bad input to aejax.data, or data that cannot be found or verified."""
@@ -46,6 +49,15 @@ def _check_name(name: str) -> None:
 
 def _default_data_dir() -> str:
     return os.environ.get("AEJAX_DATA_DIR") or os.path.join("~", "tensorflow_datasets")
+
+
+def describe_data_dir(data_dir: str | None) -> str:
+    """``data_dir`` as an error message should name it: where it came from when not given."""
+    if data_dir:
+        return os.path.expanduser(data_dir)
+    if os.environ.get("AEJAX_DATA_DIR"):
+        return f"{os.path.expanduser(os.environ['AEJAX_DATA_DIR'])} (from $AEJAX_DATA_DIR)"
+    return f"{os.path.expanduser(_default_data_dir())} (the default; set $AEJAX_DATA_DIR to move it)"
 
 
 def _import_tfds():
@@ -252,10 +264,22 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
     >>> data_dir = prepare("fashion_mnist")  # doctest: +SKIP
     """
     _check_name(name)
+    shown = describe_data_dir(data_dir)
     data_dir = os.path.expanduser(data_dir or _default_data_dir())
     _, tfds = _import_tfds()
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared() or _tfds_is_mocked(tfds):
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except OSError as e:
+        raise DataError(f"Cannot use the tfds data directory {shown}: {e.strerror or e}. Pass "
+                        "another data_dir or set $AEJAX_DATA_DIR to a directory you can write.") from None
+    if _tfds_is_mocked(tfds):
+        return data_dir
+    if prepared:
+        if manual_dir is not None:
+            log.warning("manual_dir %s is not read: %r is already prepared in %s. To prepare it "
+                        "again from manual_dir, delete %s first.", manual_dir, name, shown,
+                        os.path.join(data_dir, name))
         return data_dir
 
     filenames = _url_infos(tfds, name)
@@ -287,7 +311,7 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
                     0, "install the Debian package: `apt-get install dataset-fashion-mnist`"
                 )
             raise DataError(
-                f"Cannot prepare {name!r} in {data_dir}: no local files and {url.hostname}:{port} "
+                f"Cannot prepare {name!r} in {shown}: no local files and {url.hostname}:{port} "
                 f"is unreachable. To fix: {'; '.join(fixes)}."
             )
     builder.download_and_prepare(download_config=download_config)

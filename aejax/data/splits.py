@@ -5,6 +5,7 @@ Holds the dataset constants, class filtering, the seeded validation hold-out and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -13,7 +14,8 @@ import numpy as np
 
 # DATASETS (the names `load` accepts) is imported for callers too: offline owns it because
 # `prepare` checks the name before it touches tfds.
-from aejax.data.offline import DATASETS, DataError, _check_name, _import_tfds, prepare
+from aejax.data.offline import (DATASETS, DataError, _check_name, _import_tfds,
+                                 describe_data_dir, prepare)
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -51,15 +53,24 @@ def load_arrays(
     _check_name(name)
     if split not in ("train", "test"):
         raise DataError(f"Unknown split {split!r}; expected 'train' or 'test'.")
+    shown = describe_data_dir(data_dir)
     data_dir = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
-    _, tfds = _import_tfds()
-    ds = tfds.builder(name, data_dir=data_dir).as_dataset(
-        split=split, as_supervised=True, shuffle_files=False, batch_size=_READ_BATCH
-    )
+    tf, tfds = _import_tfds()
     images, labels = [], []
-    for x, y in tfds.as_numpy(ds):
-        images.append(x)
-        labels.append(y)
+    try:
+        ds = tfds.builder(name, data_dir=data_dir).as_dataset(
+            split=split, as_supervised=True, shuffle_files=False, batch_size=_READ_BATCH
+        )
+        for x, y in tfds.as_numpy(ds):
+            images.append(x)
+            labels.append(y)
+    except tf.errors.OpError as e:  # e.g. DataLossError: a prepared file cut short or damaged
+        first = (e.message or str(e)).strip().splitlines()[0]
+        raise DataError(
+            f"The prepared copy of {name!r} in {shown} cannot be read "
+            f"({type(e).__name__}: {first}). Delete {os.path.join(data_dir, name)} and run "
+            "again to prepare it anew."
+        ) from None
     if not images:
         return np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int32)
     # tfds gives int64 labels; int32 is what JAX uses by default.

@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import corruptions, models, objectives
+from aejax import corruptions, jacobians, losses, models, objectives
 from aejax.data import offline
 from aejax.data.splits import NUM_CLASSES
-from aejax.runtime import distributed, placement
+from aejax.runtime import distributed, placement, writers
 from aejax.step import COMPUTE_DTYPES
 
 
@@ -44,7 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(128,), code_size=32,
                                              activation="relu", code_activation="linear"))
     # terms: {kind: {weight: w, warmup_steps: n, <the term's options>}} (see aejax.objectives).
-    c.loss = ml_collections.ConfigDict(dict(reconstruction="bce", terms=ml_collections.ConfigDict()))
+    # reconstruction_weight 0 reports the reconstruction term without training it (IWAE).
+    c.loss = ml_collections.ConfigDict(dict(reconstruction="bce", reconstruction_weight=1.0,
+                                            terms=ml_collections.ConfigDict()))
     c.corruption = ml_collections.ConfigDict(dict(kind="none"))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, decay_rate=0.5,
@@ -71,6 +73,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.figures = True
     c.num_figure_images = 10
     c.progress = True
+    # The contractive estimator audit (aejax.jacobians.contractive_audit) every `every` steps (a
+    # multiple of log_every_steps; 0: off), on the first `examples` validation images: the exact
+    # ||J||_F^2, the estimator's value, their relative error and the cosine between their
+    # gradients with respect to the parameters; logged as split "audit" in metrics.jsonl.
+    c.contractive_audit = ml_collections.ConfigDict(dict(every=0, estimator="gaussian",
+                                                         num_probes=1, examples=256))
+    # TensorBoard event files in the workdir (aejax.runtime.writers): every metric of
+    # metrics.jsonl, the config, reconstructions (and a VAE's samples) each epoch.
+    c.tensorboard = True
+    # Weights & Biases, when wandb is installed: the same, in a W&B run kept across resumes.
+    # mode "offline" keeps it on this machine (upload later with `wandb sync WORKDIR/wandb/...`).
+    c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="aejax", entity="", name="",
+                                             mode="offline"))
     # Several processes (hosts): all run the same command with their own process_id; process 0
     # serves the coordinator at coordinator_address ("host:port"; "" = one process). A process
     # that stops sending heartbeats for heartbeat_timeout seconds counts as dead.
@@ -171,6 +186,7 @@ def validate(config: ml_collections.ConfigDict, *, data_given: bool = False) -> 
     _check_corruption(config.corruption)
     _check_optimizer(config.optimizer)
     _check_distributed(config.distributed)
+    _check_writers(config)
 
 
 def _is_int(value: Any) -> bool:
@@ -255,8 +271,34 @@ def _check_run(c: ml_collections.ConfigDict) -> None:
     _real("early_stopping_min_delta", c.early_stopping_min_delta)
     _string("monitor", c.monitor, nonempty="the name of a validation metric, e.g. 'loss'")
     _integer("iwae_samples", c.iwae_samples, 0, why="0: no importance-weighted test NLL")
-    for key in ("pca_baseline", "figures", "progress"):
+    for key in ("pca_baseline", "figures", "progress", "tensorboard"):
         _boolean(key, c[key])
+    a = c.contractive_audit
+    _integer("contractive_audit.every", a.every, 0, why="steps between audits; 0 turns it off")
+    if a.every and a.every % c.log_every_steps:
+        raise ConfigError(f"contractive_audit.every must be a multiple of log_every_steps "
+                          f"({c.log_every_steps}); got {a.every}.")
+    _choice("contractive_audit.estimator", a.estimator, jacobians.ESTIMATORS, "estimator")
+    least = 3 if a.estimator == "hutch++" else 1
+    _integer("contractive_audit.num_probes", a.num_probes, least,
+             why="Jacobian products per example" + ("; Hutch++ needs 3" if least == 3 else ""))
+    _integer("contractive_audit.examples", a.examples, 1)
+
+
+def _check_writers(c: ml_collections.ConfigDict) -> None:
+    w = c.wandb
+    _boolean("wandb.enabled", w.enabled)
+    _string("wandb.project", w.project, nonempty="a W&B project name")
+    for key in ("entity", "name"):
+        _string(f"wandb.{key}", w[key])
+    _choice("wandb.mode", w.mode, writers.WANDB_MODES, "W&B mode")
+    missing = writers.missing_package(c)
+    if missing == "tensorboardX":
+        raise ConfigError("tensorboard=True needs the tensorboardX package: pip install "
+                          "'aejax[experiments]' (or tensorboardX), or set tensorboard=False.")
+    if missing == "wandb":
+        raise ConfigError("wandb.enabled=True needs the wandb package: pip install wandb, or set "
+                          "wandb.enabled=False.")
 
 
 def _check_data(d: ml_collections.ConfigDict, data_given: bool) -> None:
@@ -297,6 +339,9 @@ _MODEL_OPTIONS: dict[str, Callable[[str, Any], None]] = {
     "tied": _boolean,
     "upsampling": _string,
     "likelihood": _string,
+    "num_latents": lambda path, v: _integer(path, v, 1),
+    "code_dim": lambda path, v: _integer(path, v, 1),
+    "num_codes": lambda path, v: _integer(path, v, 1),
 }
 
 
@@ -316,21 +361,37 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
             _MODEL_OPTIONS.get(key, lambda path, v: None)(f"model.{key}", value)
 
 
+# The modes of aejax's terms that take one (a term registered by a user checks its own).
+_TERM_MODES = {"contractive": objectives.CONTRACTIVE_TERM_MODES,
+               "decoder_jacobian": losses.CONTRACTIVE_MODES}
+
+
+def _term_mode(path: str, value: Any) -> None:
+    kind = path.split(".")[-2]
+    if kind in _TERM_MODES:
+        _choice(path, value, _TERM_MODES[kind], f"{kind} mode")
+
 # The loss terms' options, checked where a term takes them (objectives.build reports the others).
 _TERM_OPTIONS: dict[str, Callable[[str, Any], None]] = {
     "weight": lambda path, v: _real(path, v, why="0 turns the term off"),
     "warmup_steps": lambda path, v: _integer(path, v, 0),
-    "mode": lambda path, v: _choice(path, v, objectives.CONTRACTIVE_TERM_MODES, "contractive mode"),
+    "mode": lambda path, v: _term_mode(path, v),
     "num_probes": lambda path, v: _integer(path, v, 1),
     "chunk_size": lambda path, v: None if v is None else _integer(path, v, 1),
     "rho": lambda path, v: _real(path, v, 0.0, 1.0, closed="()"),
     "layer": lambda path, v: _string(path, v, nonempty="a layer name, e.g. 'code' or 'hidden_0'"),
+    "dataset_size": lambda path, v: _integer(path, v, 1, why="the number of training examples"),
+    "num_samples": lambda path, v: _integer(path, v, 1),
+    "kernel": lambda path, v: _choice(path, v, sorted(losses.MMD_KERNELS), "mmd kernel"),
+    "sigma": lambda path, v: _real(path, v, 0.0, closed="()"),
 }
 
 
 def _check_loss(loss: ml_collections.ConfigDict) -> None:
     _choice("loss.reconstruction", loss.reconstruction, objectives.RECONSTRUCTIONS,
             "reconstruction")
+    _real("loss.reconstruction_weight", loss.get("reconstruction_weight", 1.0),
+          why="0 reports the term without training it")
     if not isinstance(loss.terms, ml_collections.ConfigDict):
         raise ConfigError("loss.terms must be a dict {kind: {weight: w, <options>}}; got "
                           f"{loss.terms!r}.")
@@ -347,7 +408,8 @@ def _check_loss(loss: ml_collections.ConfigDict) -> None:
                 _TERM_OPTIONS[key](f"{path}.{key}", value)
         terms[kind] = dict(options)
     try:  # the terms' own checks: unknown options, ranges
-        objectives.build(loss.reconstruction, terms)
+        objectives.build(loss.reconstruction, terms,
+                         reconstruction_weight=loss.get("reconstruction_weight", 1.0))
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
 

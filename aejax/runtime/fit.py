@@ -37,7 +37,8 @@ def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation
       ``(params, mean training loss per epoch)``.
 
     Raises:
-      ValueError: ``epochs`` < 0, or ``x_train`` not a floating array.
+      ValueError: ``epochs`` < 0, ``batch_size`` < 1, or ``x_train`` empty, not a floating
+        array, or grey levels 0..255 not scaled to [0, 1].
       NonFiniteLossError: a step produced a NaN or infinite loss.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -46,6 +47,14 @@ def fit(per_example: PerExampleFn, params: Any, tx: optax.GradientTransformation
         raise ValueError(f"fit: x_train has dtype {np.asarray(x_train[:1]).dtype}; scale images to "
                          "floats in [0, 1] first (x.astype('float32') / 255).")
     n = len(x_train)
+    if n == 0:
+        raise ValueError("fit: x_train is empty; pass at least one example.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"fit: batch_size must be an integer >= 1, got {batch_size!r}.")
+    sample = np.asarray(x_train[:1024])
+    if sample.max() > 1.0 and np.array_equal(sample, np.round(sample)):  # 0..255 grey levels
+        raise ValueError(f"fit: x_train holds whole numbers up to {sample.max():g}, like unscaled "
+                         "grey levels; scale images to [0, 1] first (x.astype('float32') / 255).")
     bs = min(batch_size, n)
     spe = batching.steps_per_epoch(n, bs)
     place, run = _epoch_fn(per_example, tx, bs, spe)

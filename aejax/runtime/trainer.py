@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -24,9 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from aejax import corruptions, models, objectives, pca
+from aejax import corruptions, jacobians, models, objectives, pca
 from aejax.data import batching, offline, splits as splits_lib
-from aejax.runtime import checkpoints, distributed
+from aejax.runtime import checkpoints, distributed, writers
 from aejax.runtime.lock import WorkdirLock
 from aejax.runtime.config import (ConfigError, build_optimizer, check_config, data_options,
                                   resolve_parallel, start_distributed, validate)
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 Array = jax.Array
 
 PREFETCH = 2  # batches placed ahead of the step on the streaming path
+# The values of metrics.jsonl rows that time the run: they differ between runs of the same config.
+TIMING_FIELDS = ("steps_per_second", "examples_per_second", "eta_seconds", "seconds",
+                 "includes_compile")
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -64,10 +70,33 @@ def build_experiment(config: ml_collections.ConfigDict,
     """Validates ``config`` and builds the experiment (loads data unless ``splits`` is given)."""
     validate(config, data_given=splits is not None)
     mode, num_devices = resolve_parallel(config)
+    if splits is None and config.data.name not in offline.DATASETS:
+        raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of {offline.DATASETS}.")
+    # Model, objective and monitor are checked on a stand-in batch of the data's shape before any
+    # data is read (seconds, not the data's load time); the terms' range checks again on the data.
+    shape = (splits.train[0].shape[1:] if splits is not None
+             else (math.prod(splits_lib.IMAGE_SHAPE),) if config.data.flat else splits_lib.IMAGE_SHAPE)
+    stand_in = jax.random.uniform(jax.random.PRNGKey(0), (min(config.batch_size, 16), *shape))
+    model = models.from_config(config.model)
+    terms = {k: dict(v) for k, v in config.loss.terms.items()}
+    objective = objectives.build(config.loss.reconstruction, terms,
+                                 reconstruction_weight=config.loss.get("reconstruction_weight", 1.0))
+    params = models.init(model, jax.random.PRNGKey(0), stand_in)
+    objectives.check_compatible(model, params, stand_in, terms)
+    corruption_options = {k: v for k, v in config.corruption.items() if k != "kind"}
+    corrupt = (None if config.corruption.kind == "none"
+               else corruptions.build(config.corruption.kind, **corruption_options))
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; choose one of "
+                          f"{COMPUTE_DTYPES}.")
+    per_example = make_per_example_fn(model, objective, corrupt=corrupt,
+                                      binarize=config.data.binarize,
+                                      compute_dtype=config.compute_dtype)
+    names = sorted(set(metric_names(per_example, params, stand_in)) - {"grad_norm"})
+    if config.monitor not in names:
+        raise ConfigError(f"monitor {config.monitor!r} is not a validation metric of this run; "
+                          f"choose one of {names}.")
     if splits is None:
-        if config.data.name not in offline.DATASETS:
-            raise ConfigError(f"Unknown dataset {config.data.name!r}; choose one of "
-                              f"{offline.DATASETS}.")
         splits = splits_lib.load(config.data.name, **data_options(config))
     if config.data.train_examples:
         if not 0 < config.data.train_examples <= len(splits.train[0]):
@@ -82,21 +111,9 @@ def build_experiment(config: ml_collections.ConfigDict,
         elif not np.all(np.isfinite(x)):
             raise offline.DataError(f"{name} contain {np.count_nonzero(~np.isfinite(x))} NaN or "
                                     "inf values; clean the data first.")
-    model = models.from_config(config.model)
-    terms = {k: dict(v) for k, v in config.loss.terms.items()}
-    objective = objectives.build(config.loss.reconstruction, terms)
-    x_first = jnp.asarray(splits.train[0][:config.batch_size])
-    objectives.check_compatible(model, models.init(model, jax.random.PRNGKey(0), x_first),
-                                x_first, terms)
-    corruption_options = {k: v for k, v in config.corruption.items() if k != "kind"}
-    corrupt = (None if config.corruption.kind == "none"
-               else corruptions.build(config.corruption.kind, **corruption_options))
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; choose one of "
-                          f"{COMPUTE_DTYPES}.")
-    per_example = make_per_example_fn(model, objective, corrupt=corrupt,
-                                      binarize=config.data.binarize,
-                                      compute_dtype=config.compute_dtype)
+    # The stand-in's parameters serve: they depend on the data's shape only, which is the same.
+    objectives.check_compatible(model, params, jnp.asarray(splits.train[0][:config.batch_size]),
+                                terms)
     spe = batching.steps_per_epoch(len(splits.train[0]), config.batch_size)
     total = spe * config.num_epochs
     tx = build_optimizer(config.optimizer, total, spe)
@@ -118,13 +135,15 @@ class Progress:
       bad_epochs: epochs since then without an improvement (early stopping).
       finished: the run needs no more training.
       stopped_early: early stopping ended it.
-      train_seconds: wall time spent training, over every resume.
+      train_seconds: wall time spent training, over every resume (up to the last checkpoint).
+      epoch_seconds: the part of it spent on the current epoch.
       history: one row per epoch: train means and validation metrics.
       window_steps: steps summed in the checkpointed metric accumulator since the last log line.
       epoch_sums, epoch_steps: the current epoch's logged train means times their step counts,
         and those steps, so an epoch's averages count every step across a resume.
       parallel, num_devices, num_processes: how the run was placed (pmap runs resume only on
         the same placement).
+      run_id: the run's id for W&B, so that a resumed run continues the same W&B run.
     """
 
     epoch: int = 0
@@ -134,6 +153,7 @@ class Progress:
     finished: bool = False
     stopped_early: bool = False
     train_seconds: float = 0.0
+    epoch_seconds: float = 0.0
     history: tuple = ()
     window_steps: int = 0
     epoch_sums: dict = dataclasses.field(default_factory=dict)
@@ -141,6 +161,7 @@ class Progress:
     parallel: str = "none"
     num_devices: int = 1
     num_processes: int = 1
+    run_id: str = ""
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), history=list(self.history))
@@ -161,7 +182,7 @@ class Progress:
         stopped = bool(cfg.early_stopping_patience and bad >= cfg.early_stopping_patience)
         return dataclasses.replace(
             self, epoch=epoch, history=self.history + (row,), bad_epochs=bad, window_steps=0,
-            epoch_sums={}, epoch_steps=0,
+            epoch_sums={}, epoch_steps=0, epoch_seconds=0.0,
             best_validation=monitored if improved else best,
             best_epoch=epoch if improved else self.best_epoch,
             finished=stopped or epoch >= cfg.num_epochs, stopped_early=stopped), improved
@@ -231,23 +252,6 @@ def _nonfinite_error(bad_step: int, sums: dict, last_good: Optional[int],
         "then run again in a new workdir or the same one to resume from that checkpoint.")
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops lines logged after ``step`` (they are about to be recomputed by the resumed run)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln).get("step", 0) <= step:
-                kept.append(ln)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 def _check_workdir(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
@@ -296,14 +300,9 @@ class Trainer:
         self.ckpt_dir = os.path.join(workdir, "checkpoints")
         self.ckpts = checkpoints.Checkpoints(self.ckpt_dir, max_to_keep=cfg.keep_checkpoints)
         self.last_good: Optional[int] = None
-        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         # The step's metric names, for the accumulators.
         self.template = {k: jax.ShapeDtypeStruct((), jnp.float32)
                          for k in metric_names(exp.per_example, params, x_first)}
-        names = sorted(set(self.template) - {"grad_norm"})
-        if cfg.monitor not in names:
-            raise ConfigError(f"monitor {cfg.monitor!r} is not a validation metric of this run; "
-                              f"choose one of {names}.")
         self.on_device = cfg.data.on_device and batching.fits_on_device(x_train.nbytes)
         step_fn = make_train_step(exp.per_example, exp.tx,
                                   axis_name="data" if self.place.per_device else None)
@@ -314,11 +313,30 @@ class Trainer:
             self.run_steps = self.place.stream_step(step_fn)
         self.evaluate = jax.jit(make_evaluate(exp.per_example))
         self.param_norm = jax.jit(optax.tree.norm)  # at log steps only: not worth it every step
+        self.audit = self._make_audit() if cfg.contractive_audit.every else None
         self.acc = self._new_acc()  # metric sums of the steps since the last log line
         self.stop = _StopOnSignal()
-        self.metrics_file = None
+        self.writer = writers.MultiWriter()  # opened by fit: metrics.jsonl, TensorBoard, W&B
+        self._latent_size: Optional[int] = None  # of a stochastic model, for images
 
     # -- helpers
+
+    def _make_audit(self):
+        """``audit(step) -> {name: float}``: the estimator audit of the current parameters on a
+        fixed set of validation images, with noise drawn from the step (a resumed run repeats it)."""
+        a, model = self.cfg.contractive_audit, self.exp.model
+        x = jnp.asarray(self.exp.splits.validation[0][:a.examples])
+        run = jax.jit(functools.partial(
+            jacobians.contractive_audit, lambda params, v: models.encoder(model, params)(v),
+            estimator=a.estimator, num_probes=a.num_probes))
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 0xA0D17)
+
+        def audit(step: int) -> dict:
+            params = self.place.fetch(self.state.params)
+            out = run(params, x, jax.random.fold_in(rng, step))
+            return {k: float(v) for k, v in out.items()}
+
+        return audit
 
     def _checkpointed(self, state) -> dict:
         return {"state": state, "best_params": self.best_params, "acc": self.acc}
@@ -335,10 +353,8 @@ class Trainer:
     def _save(self, step: int) -> None:
         """A checkpoint of everything at ``step``, the logs flushed first: a resumed run then
         finds every line up to its checkpoint, and drops the ones after it."""
-        if self.metrics_file is not None:
-            self.metrics_file.flush()
-        self.progress = dataclasses.replace(
-            self.progress, train_seconds=self.progress.train_seconds + self._lap())
+        self.writer.flush()
+        self._clock()
         self.ckpts.save(step, self._checkpointed(self.state), self.progress.to_json())
         self.last_good = step
 
@@ -368,8 +384,6 @@ class Trainer:
 
         restored = self.ckpts.restore_latest(target)
         if restored is None:
-            if self.primary and os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
             return
         self.last_good, tree, meta = restored
         progress = Progress.from_json(meta)
@@ -390,8 +404,6 @@ class Trainer:
                                             num_processes=jax.process_count())
         self.info("Resumed from step %d (epoch %d) in %s", self.last_good, progress.epoch,
                   self.ckpt_dir)
-        if self.primary:
-            _truncate_metrics(self.metrics_path, self.last_good)
 
     def _check_resumable(self, progress: Progress) -> None:
         """Refuses to continue a pmap run on another device count or mode: its noise would change."""
@@ -429,6 +441,7 @@ class Trainer:
             batches = prefetch_to_device(self._host_batches(np.asarray(perm), index), PREFETCH)
         p = self.progress
         count, totals, total_count = p.window_steps, dict(p.epoch_sums), p.epoch_steps
+        window_start, timed = time.perf_counter(), 0  # this process's steps since the last log
         while index < spe:
             if self.on_device:  # every step up to the next log, checkpoint or epoch end
                 n = min(spe - index, cfg.log_every_steps - step % cfg.log_every_steps,
@@ -439,13 +452,20 @@ class Trainer:
                 n = 1
                 self.state, self.acc = self.run_steps(self.state, self.acc, next(batches),
                                                       self.train_rng)
-            step, count, index = step + n, count + n, index + n
+            step, count, index, timed = step + n, count + n, index + n, timed + n
             progress_bar.update(n)
             if step % cfg.log_every_steps == 0 or index == spe:
                 self._check_finite(self.acc)
                 means = {k: float(v) / count for k, v in self.place.fetch(self.acc).items()}
                 means["param_norm"] = float(self.place.fetch(self.param_norm(self.state.params)))
-                self.metrics_file.write(json.dumps({"step": step, "split": "train", **means}) + "\n")
+                now = time.perf_counter()  # after the fetch: the steps are done
+                rate = timed / max(now - window_start, 1e-9)
+                self.writer.write_scalars(step, "train", {
+                    **means, "steps_per_second": rate, "examples_per_second": rate * cfg.batch_size,
+                    "eta_seconds": (self.exp.total_steps - step) / rate})
+                if self.audit is not None and step % cfg.contractive_audit.every == 0:
+                    self.writer.write_scalars(step, "audit", self.audit(step))
+                window_start, timed = time.perf_counter(), 0
                 progress_bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
                 totals = {k: totals.get(k, 0.0) + means[k] * count for k in means}
                 total_count += count
@@ -482,10 +502,23 @@ class Trainer:
             self.best_params = jax.tree.map(jnp.copy, self.state.params)
         self._save(self.step)
 
-    def _lap(self) -> float:
+    def _clock(self) -> None:
+        """Adds the wall time since the last call to the run's and the epoch's seconds."""
         now = time.time()
         lap, self._t = now - self._t, now
-        return lap
+        p = self.progress
+        self.progress = dataclasses.replace(p, train_seconds=p.train_seconds + lap,
+                                            epoch_seconds=p.epoch_seconds + lap)
+
+    def images(self) -> dict:
+        """:func:`epoch_images` of the current parameters on the first validation images."""
+        x = jnp.asarray(self.exp.splits.validation[0][:self.cfg.num_figure_images])
+        params = self.place.fetch(self.state.params)
+        if self._latent_size is None:  # once: 0 for a deterministic model
+            description = models.describe(self.exp.model, params, x[:1])
+            self._latent_size = description.code_size if description.stochastic else 0
+        return epoch_images(self.exp.model, self.exp.objective.reconstruction, params, x,
+                            latent_size=self._latent_size, seed=self.cfg.seed)
 
     def fit(self) -> None:
         """The loop: epochs of training and validation until the run is finished.
@@ -500,18 +533,35 @@ class Trainer:
                    dynamic_ncols=True, disable=not (cfg.progress and self.primary))
         self._val = self.place.eval_batches(exp.splits.validation[0], self.eval_bs)
         self._t = time.time()
-        with open(self.metrics_path if self.primary else os.devnull, "a") as self.metrics_file, \
+        if not self.progress.run_id:
+            self.progress = dataclasses.replace(self.progress, run_id=secrets.token_hex(4))
+        compiles = True  # the first epoch of a process compiles the step and the evaluation
+        with writers.create(cfg, self.workdir, resume_step=self.last_good,
+                            run_id=self.progress.run_id, primary=self.primary) as self.writer, \
                 self.stop:
+            if self.last_good is None:
+                self.writer.write_hparams(writers.flat_hparams(cfg.to_dict()),
+                                          [writers.tag("validation", cfg.monitor)])
             while not self.progress.finished and self.progress.epoch < cfg.num_epochs:
                 train_means = self.train_epoch(bar)
                 val = self.validate()
-                self.metrics_file.write(json.dumps({"step": self.step, "epoch": self.progress.epoch + 1,
-                                                    "split": "validation", **val}) + "\n")
+                step, epoch = self.step, self.progress.epoch + 1
+                self.writer.write_scalars(step, "validation", {"epoch": epoch, **val})
+                if self.writer.takes_images:
+                    self.writer.write_images(step, self.images())
+                self._clock()
+                seconds = max(self.progress.epoch_seconds, 1e-9)
+                self.writer.write_scalars(step, "epoch", {
+                    "epoch": epoch, "seconds": seconds,
+                    "steps_per_second": exp.steps_per_epoch / seconds,
+                    "examples_per_second": exp.steps_per_epoch * cfg.batch_size / seconds,
+                    "includes_compile": compiles})
+                compiles = False
                 self.end_epoch(train_means, val)
                 signum = self.stop.requested()
                 if signum and not self.progress.finished:
                     raise self._preempted(signum, self.step)
-        self.metrics_file = None
+        self.writer = writers.MultiWriter()
         bar.close()
         self.ckpts.close()
 
@@ -530,7 +580,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Running again in the same ``workdir`` resumes from the newest checkpoint (a finished run is
     only re-evaluated, unless ``num_epochs`` was raised: then the added epochs are trained).
-    Writes ``metrics.jsonl``, ``summary.json``, checkpoints and figures. With the training set
+    Writes ``metrics.jsonl`` and TensorBoard event files (:mod:`aejax.runtime.writers`: every
+    logged metric, throughput and epoch times, the config, images each epoch; W&B when
+    ``config.wandb.enabled``), ``summary.json``, checkpoints and figures. With the training set
     on the device, one compiled call runs every step up to the next log step, checkpoint or
     epoch end (:meth:`aejax.runtime.placement.Placement.fused_step`); the host only waits at
     those. With ``config.parallel`` the step runs data-parallel over several devices;
@@ -617,7 +669,50 @@ def load_best_params(workdir: str) -> Any:
 def reconstruct_images(model, params, x: Array, reconstruction: objectives.Reconstruction
                        ) -> np.ndarray:
     """Deterministic reconstructions of ``x`` (a stochastic model decodes its posterior mean)."""
-    return np.asarray(reconstruction.images(models.reconstruct_logits(model, params, x)))
+    return np.asarray(_compiled(_reconstruct, model)(params, x, model=model,
+                                                     reconstruction=reconstruction))
+
+
+def _reconstruct(params, x, *, model, reconstruction):
+    return reconstruction.images(models.reconstruct_logits(model, params, x))
+
+
+def _prior_samples(params, rng, *, model, num, latent_size):
+    from aejax import vae
+
+    return vae.sample_prior(model, params, rng, num, latent_size=latent_size)
+
+
+_COMPILED = {f: jax.jit(f, static_argnames=static) for f, static in (
+    (_reconstruct, ("model", "reconstruction")), (_prior_samples, ("model", "num", "latent_size")))}
+
+
+def _compiled(fn, model):
+    """``fn`` compiled once per model and shape in a process (not once per run or epoch), or as
+    it is for a model that cannot be a static argument (one of a user's, holding a list)."""
+    try:
+        hash(model)
+    except TypeError:
+        return fn
+    return _COMPILED[fn]
+
+
+def epoch_images(model, reconstruction: objectives.Reconstruction, params, x: Array, *,
+                 latent_size: int = 0, seed: int = 0) -> dict:
+    """Pictures of a model's progress, for the writers: ``x`` over its reconstructions and,
+    with ``latent_size`` (a stochastic model), two rows of decoded samples of the same prior
+    draws each time (``PRNGKey(seed)``).
+
+    Returns:
+      ``{tag: (H, W) uint8 picture}``; empty when the examples are not images.
+    """
+    pictures = {"images/reconstructions": writers.image_grid(
+        [x, reconstruct_images(model, params, x, reconstruction)])}
+    if latent_size:
+        drawn = np.asarray(_compiled(_prior_samples, model)(
+            params, jax.random.PRNGKey(seed), model=model, num=2 * len(x), latent_size=latent_size))
+        pictures["images/prior_samples"] = writers.image_grid([drawn[:len(x)], drawn[len(x):]])
+    return {k: v for k, v in pictures.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- the summary
