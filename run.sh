@@ -47,7 +47,8 @@ case "${1:-}" in
   test)
     setup
     shift
-    "$PY" -m pytest -q "$@"
+    # One pytest-xdist worker per core; a worker takes the next test when it is free.
+    "$PY" -m pytest -q -n "${AEJAX_TEST_WORKERS:-auto}" --dist worksteal "$@"
     ;;
   *)
     echo "usage: ./run.sh {main|test|setup} [extra args]" >&2

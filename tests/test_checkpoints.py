@@ -54,17 +54,33 @@ def saved(directory, steps=(1, 2)) -> dict:
 
 
 def flip_bytes(step_dir) -> str:
-    """XORs 16 bytes in the middle of the largest array data file of a checkpoint."""
+    """XORs 16 bytes of the largest array data file of a checkpoint where they change one leaf.
+
+    An OCDBT data file also holds bytes that no read uses (superseded tree nodes, whose place in
+    the file varies from write to write), so the bytes are flipped at the middle first and then at
+    other places until reading the step reports a leaf that differs from its checksum.
+    """
     data = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(step_dir, "state"))
             if os.path.basename(root) == "d" for f in files]
     path = max(data, key=os.path.getsize)
-    with open(path, "r+b") as f:
-        raw = bytearray(f.read())
-        middle = len(raw) // 2
-        raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
-        f.seek(0)
-        f.write(raw)
-    return path
+    with open(path, "rb") as f:
+        original = f.read()
+    directory, step = os.path.split(os.fspath(step_dir))
+    for fraction in (0.5, 0.3, 0.7, 0.4, 0.6, 0.2, 0.8):
+        at = int(len(original) * fraction)
+        raw = bytearray(original)
+        raw[at:at + 16] = bytes(b ^ 0xFF for b in raw[at:at + 16])
+        with open(path, "wb") as f:
+            f.write(raw)
+        reader = checkpoints.Checkpoints(directory, async_save=False)
+        try:
+            reader.read(int(step))
+        except checkpoints.CheckpointError as e:
+            if "differs from its checksum" in str(e):
+                return path
+        finally:
+            reader.close()
+    raise AssertionError(f"no 16 bytes of {path} made a leaf differ from its checksum")
 
 
 def set_aside(directory) -> list:

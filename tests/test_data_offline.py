@@ -155,3 +155,24 @@ def test_manual_dir_given_for_a_prepared_dataset_is_reported(fashion_data_dir, t
         assert offline.prepare("fashion_mnist", data_dir=str(data_dir),
                                manual_dir=str(tmp_path)) == str(data_dir)
     assert "is not read" in caplog.text and "already prepared" in caplog.text
+
+
+def test_preparing_a_dataset_waits_for_another_process_preparing_it(tmp_path):
+    """Two preparers of one dataset in one data_dir take turns (flock on separate opens)."""
+    import threading
+
+    entered = threading.Event()
+
+    def second():
+        with offline._preparing(str(tmp_path), "fashion_mnist"):
+            entered.set()
+
+    with offline._preparing(str(tmp_path), "fashion_mnist"):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not entered.wait(0.5)  # held: the second preparer waits
+        with offline._preparing(str(tmp_path), "mnist"):  # another dataset is not held up
+            pass
+    assert entered.wait(10)
+    t.join(10)
+    assert (tmp_path / ".aejax-prepare-fashion_mnist.lock").exists()

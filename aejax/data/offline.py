@@ -5,6 +5,7 @@ Rebuilds Debian's gzip headers, verifies checksums against the installed tfds, f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -282,6 +283,39 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
                         os.path.join(data_dir, name))
         return data_dir
 
+    with _preparing(data_dir, name):
+        # Another process may have prepared it while this one waited for the lock.
+        if tfds.builder(name, data_dir=data_dir).is_prepared():
+            return data_dir
+        _prepare_unlocked(tfds, builder, name, data_dir, manual_dir, shown)
+    return data_dir
+
+
+@contextlib.contextmanager
+def _preparing(data_dir: str, name: str):
+    """Holds an exclusive lock on ``<data_dir>/.aejax-prepare-<name>.lock`` while preparing.
+
+    Processes that start at once (several hosts on one filesystem, parallel test workers) then
+    prepare a dataset one after another: the first prepares it and the others find it prepared.
+    The kernel releases the lock when its holder dies. Without ``fcntl`` (not POSIX) nothing is
+    locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".aejax-prepare-{name}.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_unlocked(tfds, builder, name: str, data_dir: str, manual_dir: str | None,
+                      shown: str) -> None:
     filenames = _url_infos(tfds, name)
     source = None
     if manual_dir is not None:
@@ -315,4 +349,3 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
                 f"is unreachable. To fix: {'; '.join(fixes)}."
             )
     builder.download_and_prepare(download_config=download_config)
-    return data_dir
