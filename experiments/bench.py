@@ -1,5 +1,5 @@
 """Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]
-[--deep-contractive-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
+[--deep-contractive-only] [--iwae-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
 exact modes on the deep 784-1000-500-250-30 encoder, as ratios to its plain step; not in the
 default run).
 
@@ -9,7 +9,9 @@ a float32 matmul roofline; the train loop's step for the 784-128-32-128-784 auto
 input pipeline's share of that step; the same step data-parallel (sharded and pmap, as the loop
 runs them) against the single-device step, and ``jax.pmap`` itself; the contractive penalty's
 modes and the VAE as ratios to the plain step; the deep 784-1000-500-250-30 and the
-convolutional autoencoder's steps; one epoch of full Fashion-MNIST. Every record names the
+convolutional autoencoder's steps; the test-NLL evaluation (the importance-weighted bound of
+Burda et al.'s 784-200-200-50 VAE, ``aejax.vae.evaluate_nll``'s batch function); one epoch of
+full Fashion-MNIST. Every record names the
 device (``device``), so a run on a GPU gives its figures as they are.
 
 Each model's step is also timed against two references, in the same rounds:
@@ -44,7 +46,7 @@ import numpy as np
 import optax
 from jax.extend.core import Literal, jaxprs_in_params
 
-from aejax import jacobians, models, objectives, step
+from aejax import jacobians, models, objectives, step, vae
 from aejax.runtime.placement import Placement
 
 BATCH = 256
@@ -457,6 +459,56 @@ def against_references(times: Timings, name, flops: float, matmul_flops: float) 
     return fields
 
 
+# --------------------------------------------------------------------------- test NLL
+
+
+IWAE_MODEL = "VAE 784-200-200-50 tanh, Bernoulli (Burda et al. 2016)"
+
+
+def iwae_eval_runner(x_all, *, num_samples: int, images: int = 100):
+    """``evaluate_nll``'s jitted batch function on ``images`` binarized images of ``x_all``.
+
+    Returns ``(run, chunks, chunk_size, chunk_products)``: one ``run()`` bounds every image with
+    ``num_samples`` importance samples in ``chunks`` chunks (a scan); ``chunk_products`` are the
+    matrix products of one chunk (the decoder on ``chunk_size * images`` rows; the encoder runs
+    once per call and is not counted), the unit the record's rates are given in.
+    """
+    model = models.create("vae", hidden=(200, 200), latent_size=50, activation="tanh",
+                          likelihood="bernoulli")
+    x = (np.asarray(x_all[:images]) > 0.5).astype(np.float32)
+    params = jax.jit(functools.partial(models.init, model))(jax.random.PRNGKey(0), x)
+    chunk = vae.eval_chunk_size(num_samples, images)
+    chunks = -(-num_samples // chunk)
+    mask, rng = np.ones(images, bool), jax.random.PRNGKey(1)
+    run = lambda: vae._batch_iwae_sum(params, x, mask, rng, np.int32(0), model=model,
+                                      num_samples=num_samples, chunk_size=chunk)
+    jax.block_until_ready(run())  # compile
+
+    _, log_lik_fn = vae._bind(model, params)
+    posterior = model.apply({"params": params}, x, method="posterior")
+    products = own_products(lambda post, xb: vae._log_weights_at(post, log_lik_fn, xb, rng,
+                                                                 jnp.arange(chunk)), posterior, x)
+    return run, chunks, chunk, products
+
+
+def iwae_evaluation(x_all, matmul, matmul_flops, *, num_samples: int, rounds: int) -> dict:
+    """The IWAE test-NLL record: rates per chunk against the roofline and the chunk's own
+    products, and the time the full 10,000-image test set takes at ``num_samples``."""
+    images = 100
+    run, chunks, chunk, products = iwae_eval_runner(x_all, num_samples=num_samples, images=images)
+    times = interleaved({"matmul": (matmul, 1), "iwae": (run, 1, chunks),
+                         ("iwae", "limit"): (limit_runner(products), chunks)}, rounds=rounds)
+    fields = against_references(times, "iwae", product_flops(products), matmul_flops)
+    per_image = times.best("iwae") * chunks / images
+    fields = {("chunks_per_s" if k == "steps_per_s" else
+               "gflop_per_chunk" if k == "gflop_per_step" else k): v for k, v in fields.items()}
+    return dict(name="iwae_evaluation", model=IWAE_MODEL, images_per_call=images,
+                num_samples=num_samples, chunk_size=chunk, **fields,
+                seconds_per_image=round(per_image, 5),
+                test_set_seconds=round(10000 * per_image * 5000 / num_samples, 1),
+                test_set_note="10,000 images at k = 5000, from this record's rate")
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -502,6 +554,8 @@ def main() -> None:
                         help="only the data-parallel steps against the single-device step")
     parser.add_argument("--deep-contractive-only", action="store_true",
                         help="only the contractive estimators and exact modes on the deep encoder")
+    parser.add_argument("--iwae-only", action="store_true",
+                        help="only the test-NLL evaluation (the IWAE bound) against the roofline")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     x_all = jax.random.uniform(jax.random.PRNGKey(0), (BATCH * 40, 784), jnp.float32)
@@ -514,6 +568,11 @@ def main() -> None:
         for record in deep_contractive_steps(x_all, rounds=repeats):
             emit(**record)
         return
+    if args.iwae_only:
+        matmul, matmul_flops = matmul_runner()
+        record = emit(**iwae_evaluation(x_all, matmul, matmul_flops,
+                                        num_samples=1000 if args.quick else 5000, rounds=repeats))
+        sys.exit(0 if record["physical"] else 1)
     records = []
     pytorch, torch_device = load_pytorch()
     if pytorch is None:
@@ -629,6 +688,9 @@ def main() -> None:
                             **against_references(times, name, product_flops(runner.products),
                                                  matmul_flops)))
 
+    records.append(emit(**iwae_evaluation(x_all, matmul, matmul_flops,
+                                          num_samples=1000 if args.quick else 5000,
+                                          rounds=repeats)))
     if not args.skip_epoch:
         records.append(emit(**epoch_time(t_plain, rounds=1 if args.quick else 2)))
     failed = [r for r in records if r.get("physical") is False]

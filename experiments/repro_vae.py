@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
     elbo_sub = mean_elbo(model_a, params_a, x_bin[subset], jax.random.PRNGKey(10))
     t = time.time()
     nll = vae.evaluate_nll(model_a, params_a, x_bin[subset], jax.random.PRNGKey(11),
-                           num_samples=k, batch_size=100, chunk_size=min(k, 500))
+                           num_samples=k, batch_size=100)
     iwae_seconds = time.time() - t
     encode_a, decode_a = bind(model_a, params_a)
     au = active_units(np.asarray(encode_a(jnp.asarray(x_bin))))

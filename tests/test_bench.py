@@ -112,3 +112,14 @@ def test_recorded_runs_name_their_device_and_pass_their_checks():
             record = json.loads(line)
             assert record.get("device"), (path, record)
             assert record.get("physical", True), (path, record)
+
+
+def test_the_iwae_evaluation_record_counts_one_chunk_of_decoder_products():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (20, 784))
+    run, chunks, chunk, products = bench.iwae_eval_runner(x, num_samples=30, images=20)
+    # 2048 rows a chunk on a CPU: 102 samples of 20 images, capped at the 30 asked for.
+    assert (chunk, chunks) == (30, 1)
+    rows = chunk * 20
+    assert [tuple(p.operands[1].shape) for p in products] == [(50, 200), (200, 200), (200, 784)]
+    assert bench.product_flops(products) == 2 * rows * (50 * 200 + 200 * 200 + 200 * 784)
+    assert np.isfinite(float(run()))

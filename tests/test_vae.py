@@ -362,6 +362,16 @@ def test_evaluate_nll_approaches_the_exact_nll_with_a_wrong_encoder(x64):
                              chunk_size=500)
     assert nll_1 - exact > 1.0
     assert -0.02 < nll_k - exact < 0.05 * (nll_1 - exact)
+    # The default chunking (vae.eval_chunk_size) changes the sums' order, not the estimate.
+    nll_default = vae.evaluate_nll(LINEAR_MODEL, params, x, rng, num_samples=2000, batch_size=50)
+    np.testing.assert_allclose(nll_default, nll_k, rtol=1e-12)
+
+
+def test_eval_chunk_size_keeps_a_chunk_near_2048_decoder_rows_on_a_cpu():
+    assert jax.default_backend() == "cpu"
+    assert vae.eval_chunk_size(5000, 100) == 20
+    assert vae.eval_chunk_size(5000, 5000) == 1  # never below one sample
+    assert vae.eval_chunk_size(8, 10) == 8  # never above num_samples
 
 
 # --------------------------------------------------------------------------- validation

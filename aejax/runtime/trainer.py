@@ -757,8 +757,7 @@ def write_summary(exp: Experiment, workdir: str, params, progress: Progress, tes
             x_eval = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 1),
                                                   jnp.asarray(x_test)))
         nll = vae.evaluate_nll(exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 2),
-                               num_samples=cfg.iwae_samples, batch_size=100,
-                               chunk_size=min(cfg.iwae_samples, 500))
+                               num_samples=cfg.iwae_samples, batch_size=100)
         summary["test"]["iwae_nll"] = nll
         summary["test"]["iwae_samples"] = cfg.iwae_samples
         # The k = 1 bound (a Monte Carlo -ELBO) on the same binarized images: "elbo" above is
