@@ -298,12 +298,33 @@ def eval_chunk_size(num_samples: int, batch_size: int) -> int:
 # Module-level so repeated evaluations (every epoch, several checkpoints) reuse one compilation
 # per (model, batch shape, num_samples, chunk_size).
 @functools.partial(jax.jit, static_argnames=("model", "num_samples", "chunk_size"))
-def _batch_iwae_sum(params, x: Array, mask: Array, rng: Array, index: Array, *, model: models.VAE,
-                    num_samples: int, chunk_size: Optional[int]) -> Array:
-    bound = iwae(model, params, x, jax.random.fold_in(rng, index), num_samples=num_samples,
-                 chunk_size=chunk_size)
-    # where, not multiply: padded rows must not leak a non-finite bound into the sum.
-    return jnp.sum(jnp.where(mask, bound, 0.0))
+def _batch_iwae(params, x: Array, rng: Array, index: Array, *, model: models.VAE,
+                num_samples: int, chunk_size: Optional[int]) -> Array:
+    return iwae(model, params, x, jax.random.fold_in(rng, index), num_samples=num_samples,
+                chunk_size=chunk_size)
+
+
+def nll_per_example(model: models.VAE, params, x, rng: Array, *, num_samples: int = 5000,
+                    batch_size: int = 100, chunk_size: Optional[int] = None) -> np.ndarray:
+    """``-iwae_k(x_i)`` for every example: the per-image test NLL estimates, in nats, ``(N,)``.
+
+    Their mean is :func:`evaluate_nll`; their standard deviation over ``sqrt(N)`` is its
+    standard error over the images. Arguments as for :func:`evaluate_nll`.
+    """
+    _check_model(model, "evaluate_nll")
+    _check_x(model, x, "evaluate_nll")
+    num_samples = _check_count(num_samples, "num_samples", "evaluate_nll")
+    batch_size = _check_count(batch_size, "batch_size", "evaluate_nll")
+    n = x.shape[0]  # >= 1: _check_x refuses an empty batch
+    chunk_size = (eval_chunk_size(num_samples, min(batch_size, n)) if chunk_size is None
+                  else _check_count(chunk_size, "chunk_size", "evaluate_nll"))
+    xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, n))
+    bounds = [_batch_iwae(params, batch, rng, np.int32(i), model=model, num_samples=num_samples,
+                          chunk_size=chunk_size) for i, batch in enumerate(xs)]
+    # Padded rows are dropped here, on the host: a non-finite bound of a pad row never counts.
+    bounds = np.concatenate([np.asarray(b, np.float64)[np.asarray(m) > 0]
+                             for b, m in zip(jax.device_get(bounds), masks)])
+    return -bounds
 
 
 def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int = 5000,
@@ -312,8 +333,9 @@ def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int =
 
     The IWAE bound with large ``k`` (Burda et al. use 5000) is the standard estimate of a VAE's
     ``-log p(x)``; it over-estimates the NLL by a gap that shrinks with ``k``. Batches are padded
-    to ``batch_size`` and masked, so every batch has one shape and the jitted batch function
-    compiles once; batch ``i`` draws from ``fold_in(rng, i)``.
+    to ``batch_size``, so every batch has one shape and the jitted batch function compiles once;
+    batch ``i`` draws from ``fold_in(rng, i)``. :func:`nll_per_example` gives the per-image
+    values (for a standard error).
 
     Args:
       model: the VAE.
@@ -328,15 +350,5 @@ def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int =
     Returns:
       The mean NLL estimate per example, in nats.
     """
-    _check_model(model, "evaluate_nll")
-    _check_x(model, x, "evaluate_nll")
-    num_samples = _check_count(num_samples, "num_samples", "evaluate_nll")
-    batch_size = _check_count(batch_size, "batch_size", "evaluate_nll")
-    n = x.shape[0]  # >= 1: _check_x refuses an empty batch
-    chunk_size = (eval_chunk_size(num_samples, min(batch_size, n)) if chunk_size is None
-                  else _check_count(chunk_size, "chunk_size", "evaluate_nll"))
-    xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, n))
-    sums = [_batch_iwae_sum(params, batch, mask > 0, rng, np.int32(i), model=model,
-                            num_samples=num_samples, chunk_size=chunk_size)
-            for i, (batch, mask) in enumerate(zip(xs, masks))]
-    return -float(np.sum(np.asarray(jax.device_get(sums), np.float64))) / n
+    return float(np.mean(nll_per_example(model, params, x, rng, num_samples=num_samples,
+                                         batch_size=batch_size, chunk_size=chunk_size)))

@@ -479,9 +479,9 @@ def iwae_eval_runner(x_all, *, num_samples: int, images: int = 100):
     params = jax.jit(functools.partial(models.init, model))(jax.random.PRNGKey(0), x)
     chunk = vae.eval_chunk_size(num_samples, images)
     chunks = -(-num_samples // chunk)
-    mask, rng = np.ones(images, bool), jax.random.PRNGKey(1)
-    run = lambda: vae._batch_iwae_sum(params, x, mask, rng, np.int32(0), model=model,
-                                      num_samples=num_samples, chunk_size=chunk)
+    rng = jax.random.PRNGKey(1)
+    run = lambda: vae._batch_iwae(params, x, rng, np.int32(0), model=model,
+                                  num_samples=num_samples, chunk_size=chunk)
     jax.block_until_ready(run())  # compile
 
     _, log_lik_fn = vae._bind(model, params)

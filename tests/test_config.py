@@ -50,6 +50,28 @@ def test_adam_with_weight_decay_is_adamw():
     np.testing.assert_array_equal(u1["w"], u2["w"])
 
 
+def test_burda_schedule_and_adam_epsilon_are_burdas_protocol():
+    cfg = run_config.default_config().optimizer
+    cfg.update(schedule="burda", eps=1e-4)
+    spe = 3
+    tx = run_config.build_optimizer(cfg, total_steps=121 * spe, steps_per_epoch=spe)
+    schedule = run_config.burda_schedule(1e-3, spe, 121 * spe)
+    # 10^(-i/7) * 1e-3 for 3^i epochs: stages start at epochs 0, 1, 4, 13, 40.
+    for epoch, i in [(0, 0), (1, 1), (3, 1), (4, 2), (12, 2), (13, 3), (39, 3), (40, 4), (120, 4)]:
+        for s in (epoch * spe, epoch * spe + spe - 1):
+            np.testing.assert_allclose(float(schedule(s)), 1e-3 * 10 ** (-i / 7), rtol=1e-6)
+    by_hand = optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-4)
+    params = {"w": jnp.arange(4.0)}
+    g = {"w": jnp.array([3e-5, -1.0, 2.0, 0.0])}  # eps matters where the gradient is small
+    s1, s2 = tx.init(params), by_hand.init(params)
+    for _ in range(5):
+        u1, s1 = tx.update(g, s1, params)
+        u2, s2 = by_hand.update(g, s2, params)
+        np.testing.assert_array_equal(u1["w"], u2["w"])
+    u_default, _ = optax.adam(1e-3).update(g, optax.adam(1e-3).init(params), params)
+    assert abs(float(u_default["w"][0]) - float(u1["w"][0])) > 1e-4
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("learning_rate", 0.0, "must be a positive number"),
     ("schedule", "cyclic", "Unknown optimizer.schedule 'cyclic'"),

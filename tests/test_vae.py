@@ -367,6 +367,21 @@ def test_evaluate_nll_approaches_the_exact_nll_with_a_wrong_encoder(x64):
     np.testing.assert_allclose(nll_default, nll_k, rtol=1e-12)
 
 
+def test_nll_per_example_are_the_bounds_of_each_image_and_average_to_evaluate_nll(x64):
+    lg = linear_gaussian(seed=24, batch=70)
+    params = linear_params(lg, **WRONG)
+    x, rng = lg["x"], jax.random.PRNGKey(25)
+    per = vae.nll_per_example(LINEAR_MODEL, params, x, rng, num_samples=50, batch_size=30)
+    assert per.shape == (70,) and per.dtype == np.float64  # 30 + 30 + 10: the pad rows dropped
+    np.testing.assert_allclose(per.mean(), vae.evaluate_nll(LINEAR_MODEL, params, x, rng,
+                                                            num_samples=50, batch_size=30),
+                               rtol=1e-12)
+    # Image j of batch i is bounded with fold_in(rng, i), as vae.iwae would bound it alone.
+    first = vae.iwae(LINEAR_MODEL, params, jnp.asarray(x[:30]), jax.random.fold_in(rng, 0),
+                     num_samples=50, chunk_size=vae.eval_chunk_size(50, 30))
+    np.testing.assert_allclose(per[:30], -np.asarray(first), rtol=1e-10)
+
+
 def test_eval_chunk_size_keeps_a_chunk_near_2048_decoder_rows_on_a_cpu():
     assert jax.default_backend() == "cpu"
     assert vae.eval_chunk_size(5000, 100) == 20

@@ -50,7 +50,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.corruption = ml_collections.ConfigDict(dict(kind="none"))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=1e-3, schedule="constant", warmup_steps=0, decay_rate=0.5,
-        momentum=0.9, nesterov=False, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0))
+        momentum=0.9, nesterov=False, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        grad_clip_norm=0.0))
+    # Schedules: "constant", "cosine", "warmup_cosine", "exponential" (decay_rate per epoch) and
+    # "burda": learning_rate * 10^(-i/7) for 3^i epochs, i = 0, 1, 2, ... (Burda et al. 2016:
+    # 1 + 3 + 9 + 27 + 81 + ... epochs; 121 epochs end stage i = 4).
     # Data-parallel step: "auto" (sharded when there is more than one device), "none", "pmap" or
     # "sharded" (aejax.runtime.placement). batch_size is global and must divide over the devices.
     c.parallel = "auto"
@@ -432,6 +436,7 @@ def _check_optimizer(o: ml_collections.ConfigDict) -> None:
     for key in ("momentum", "b1", "b2"):
         _real(f"optimizer.{key}", o[key], 0.0, 1.0)
     _boolean("optimizer.nesterov", o.nesterov)
+    _real("optimizer.eps", o.eps, closed="()", why="Adam's epsilon")
     _real("optimizer.weight_decay", o.weight_decay)
     _real("optimizer.grad_clip_norm", o.grad_clip_norm, why="0 turns clipping off")
     build_optimizer(o, total_steps=1, steps_per_epoch=1)  # its names: name, schedule
@@ -489,14 +494,16 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
         "warmup_cosine": lambda: optax.warmup_cosine_decay_schedule(
             0.0, lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1)),
         "exponential": lambda: optax.exponential_decay(lr, max(steps_per_epoch, 1), cfg.decay_rate),
+        "burda": lambda: burda_schedule(lr, max(steps_per_epoch, 1), max(total_steps, 1)),
     }
     if cfg.schedule not in schedules:
         raise ConfigError(f"Unknown optimizer.schedule {cfg.schedule!r}; choose one of "
                           f"{sorted(schedules)}.")
     schedule = schedules[cfg.schedule]()
     if cfg.name == "adam":
-        tx = (optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-              if cfg.weight_decay else optax.adam(schedule, b1=cfg.b1, b2=cfg.b2))
+        eps = float(cfg.get("eps", 1e-8))
+        tx = (optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=eps, weight_decay=cfg.weight_decay)
+              if cfg.weight_decay else optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=eps))
     elif cfg.name == "sgd":
         tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
         if cfg.weight_decay:
@@ -506,6 +513,23 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return tx
+
+
+def burda_schedule(learning_rate: float, steps_per_epoch: int,
+                   total_steps: int) -> optax.Schedule:
+    """Burda et al.'s schedule: ``learning_rate * 10^(-i/7)`` for ``3^i`` epochs, i = 0, 1, ...
+
+    Piecewise constant, a function of the step alone (a resumed run continues on it); the
+    stages past ``total_steps`` are not built.
+    """
+    boundaries, epochs, i = {}, 0, 0
+    while True:
+        epochs += 3 ** i
+        i += 1
+        if epochs * steps_per_epoch >= total_steps:
+            break
+        boundaries[epochs * steps_per_epoch] = 10.0 ** (-1 / 7)
+    return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 
 def data_options(config) -> dict:
