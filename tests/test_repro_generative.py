@@ -218,3 +218,40 @@ def test_decode_codes_gives_images_in_the_unit_interval():
     params = models.init(model, jax.random.PRNGKey(0), jnp.zeros((1, 6)))
     out = repro_generation.decode_codes(model, params, np.zeros((3, 2)))
     assert out.shape == (3, 6) and np.all((out > 0) & (out < 1))
+
+
+# --------------------------------------------------------------------------- repro_iwae
+
+
+def test_burda_configs_differ_only_in_the_objective():
+    from experiments import repro_iwae
+
+    assert [repro_iwae.epochs_of(i) for i in range(5)] == [1, 4, 13, 40, 121]
+    a = repro_iwae.burda_config("vae", 2, stages=4, batch_size=20)
+    b = repro_iwae.burda_config("iwae5", 2, stages=4, batch_size=20)
+    assert (a.num_epochs, a.batch_size, a.seed, a.optimizer.eps, a.optimizer.schedule) == (
+        121, 20, 2, 1e-4, "burda")
+    assert a.model == b.model and a.optimizer == b.optimizer and a.data == b.data
+    assert a.loss.terms.to_dict() == {"kl": {"weight": 1.0}}
+    assert b.loss.reconstruction_weight == 0.0 and b.loss.terms.iwae.num_samples == 5
+    with pytest.raises(ValueError, match="Unknown arm"):
+        repro_iwae.burda_config("wae", 0, stages=1, batch_size=20)
+
+
+def test_an_evaluation_is_kept_and_read_back_and_the_record_validates(tiny_vae, tmp_path):
+    from experiments import repro_iwae
+    from experiments import results as records
+
+    model, params = tiny_vae
+    x_bin = (np.random.default_rng(1).uniform(size=(30, 6)) > 0.5).astype(np.float32)
+    first = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path))
+    again = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path))
+    assert "seconds" in first and "seconds" not in again  # read back, not recomputed
+    assert first["mean"] == again["mean"] and first["images"] == len(x_bin) and first["se"] > 0
+    runs = [{"arm": arm, "seed": s, "train_seconds": 1.0, "active_units": 3 + s,
+             "nll": {str(k): {"mean": 100.0 - k / 1000 + s, "se": 0.1} for k in repro_iwae.KS}}
+            for s in (0, 1, 2) for arm in repro_iwae.ARMS]
+    rec = records.validate(repro_iwae.make_record(
+        {"runs": runs, "stages": 3, "epochs": 40, "batch_size": 100}), "iwae.json")
+    assert len(rec["arms"]) == 2 * (len(repro_iwae.KS) + 1) and len(rec["comparisons"]) == 4
+    assert rec["arms"]["VAE: NLL, k = 5000"]["values"] == [95.0, 96.0, 97.0]
