@@ -331,6 +331,34 @@ def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits
     assert_trees_equal(got, ref_params)
 
 
+def test_no_verified_checkpoint_stops_the_run_unless_asked_to_start_afresh(small_splits, tmp_path):
+    ref = tmp_path / "ref"
+    trainer.train_and_evaluate(small_config(), str(ref), splits=small_splits)
+    ref_params, _ = params_of(str(ref))
+
+    work = tmp_path / "work"
+    trainer.train_and_evaluate(small_config(num_epochs=2), str(work), splits=small_splits)
+    ckdir = work / "checkpoints"
+    for step_dir in [ckdir / s for s in os.listdir(ckdir) if s.isdigit()]:
+        for root, _, files in os.walk(step_dir):
+            for f in files:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"\x00garbage")
+    old_log = (work / "metrics.jsonl").read_text()
+    with pytest.warns(RuntimeWarning), pytest.raises(checkpoints.CheckpointError,
+                                                     match="start_fresh_if_unreadable=True"):
+        trainer.train_and_evaluate(small_config(), str(work), splits=small_splits)
+    # Asked to, the run starts afresh: the same end as a run never interrupted; the old log is
+    # kept beside the new one.
+    trainer.train_and_evaluate(small_config(start_fresh_if_unreadable=True), str(work),
+                               splits=small_splits)
+    got, _ = params_of(str(work))
+    assert_trees_equal(got, ref_params)
+    [kept] = [n for n in os.listdir(work) if n.startswith("metrics.jsonl.corrupt-")]
+    assert (work / kept).read_text() == old_log
+    assert_same_metrics(metrics_lines(work), metrics_lines(ref))
+
+
 RUN_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})

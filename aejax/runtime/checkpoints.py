@@ -437,7 +437,8 @@ class Checkpoints:
             return None
         raise CheckpointError(
             f"Cannot resume: {what}. To start from scratch, move that directory away (e.g. "
-            f"mv {self.directory} {self.directory}.bad), or pass start_fresh_if_unreadable=True.")
+            f"mv {self.directory} {self.directory}.bad), or pass start_fresh_if_unreadable=True "
+            "(on the command line: --config.start_fresh_if_unreadable=True).")
 
     def _listdir(self) -> list[str]:
         try:

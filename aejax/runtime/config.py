@@ -67,6 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # When checkpoints exist but none verifies (each is moved aside as STEP.corrupt-TIME): False
+    # stops with one line; True starts the run afresh (the old metrics.jsonl is moved aside too).
+    c.start_fresh_if_unreadable = False
     c.early_stopping_patience = 0  # epochs without improvement of validation `monitor`; 0: off
     c.early_stopping_min_delta = 0.0
     c.monitor = "loss"
@@ -266,6 +269,7 @@ def _check_run(c: ml_collections.ConfigDict) -> None:
         _integer(key, c[key], 1)
     _integer("stacking.pretrain_epochs", c.stacking.pretrain_epochs, 0)
     _boolean("stacking.compare_scratch", c.stacking.compare_scratch)
+    _boolean("start_fresh_if_unreadable", c.start_fresh_if_unreadable)
     if c.stacking.pretrain_epochs:  # fine-tuning for 0 epochs keeps the stacked parameters
         _integer("num_epochs", c.num_epochs, 0)
     else:

@@ -382,8 +382,10 @@ class Trainer:
                 lambda m: jax.ShapeDtypeStruct(tuple(getattr(m, "shape", ()) or ()), m.dtype), old)
             return dict(tree, state=dict(fields, bad_metrics=shapes))
 
-        restored = self.ckpts.restore_latest(target)
+        restored = self.ckpts.restore_latest(
+            target, start_fresh_if_unreadable=bool(self.cfg.get("start_fresh_if_unreadable")))
         if restored is None:
+            self._set_aside_old_logs()
             return
         self.last_good, tree, meta = restored
         progress = Progress.from_json(meta)
@@ -404,6 +406,15 @@ class Trainer:
                                             num_processes=jax.process_count())
         self.info("Resumed from step %d (epoch %d) in %s", self.last_good, progress.epoch,
                   self.ckpt_dir)
+
+    def _set_aside_old_logs(self) -> None:
+        """A run that starts afresh where checkpoints were moved aside as corrupt keeps the
+        metrics.jsonl of the run they came from, as ``metrics.jsonl.corrupt-TIME``."""
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if not (self.primary and os.path.exists(path) and os.path.isdir(self.ckpt_dir)):
+            return
+        if any(".corrupt-" in name for name in os.listdir(self.ckpt_dir)):
+            os.replace(path, f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
 
     def _check_resumable(self, progress: Progress) -> None:
         """Refuses to continue a pmap run on another device count or mode: its noise would change."""
