@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["aejax.losses", "aejax.jacobians", "aejax.objectives", "aejax.models", "aejax.quantize",
-           "aejax.vae",
+           "aejax.vae", "aejax.quality",
            "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.pca", "aejax.data.batching"]
 
 
