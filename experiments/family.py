@@ -4,7 +4,10 @@ Run:
     python -m experiments.family --workdir=runs/family [--only=vanilla,conv] [--epochs=N]
 
 Each config in FAMILY runs as `python -m experiments.main` would (resumable workdirs under
---workdir); the table goes to experiments/FAMILY.md and stdout.
+--workdir); the table goes to experiments/FAMILY.md and stdout. The generative members
+(GENERATIVE) are also scored on what they generate (experiments/quality.py: Frechet distance,
+precision and recall on a cached classifier's features, beside the test set's own floor). With
+--only, the rows of the other configs are kept from the existing table.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import os
 import time
 
 FAMILY = ("vanilla", "multilayer", "conv", "denoising", "sparse_l1", "sparse_kl", "contractive",
-          "tied", "stacked", "vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
+          "tied", "stacked", "vae", "beta_vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
+GENERATIVE = ("vae", "beta_vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
+HEADER = "| config | epochs | test SE/image | PCA SE/image | mean code activation | terms | seconds |"
+QUALITY_HEADER = ("| config | generated images | Frechet distance | precision | recall |")
 
 
 def load_config(name: str):
@@ -35,7 +41,36 @@ def run_one(name: str, workdir: str, epochs: int | None) -> dict:
     if "finetune" in summary:  # greedy stacking: the fine-tuned model, beside it from scratch
         summary = dict(summary["finetune"], scratch_test=summary.get("scratch", {}).get("test"))
     summary["wall_seconds"] = round(time.time() - t, 1)
+    if name in GENERATIVE:
+        from experiments import probes, quality
+
+        summary["quality"] = quality.generation_scores(config, os.path.join(workdir, name),
+                                                       probes.fashion(flat=True))
     return summary
+
+
+def quality_row(name: str, q: dict) -> str:
+    if "frechet_distance" not in q:
+        return f"| {name} | {q['sampler']} | — | — | — |"
+    return (f"| {name} | {q['sampler']} | {q['frechet_distance']:.2f} | {q['precision']:.3f} | "
+            f"{q['recall']:.3f} |")
+
+
+def kept_rows(path: str, header: str, names: set) -> dict:
+    """The rows of the table under ``header`` in ``path`` whose config is not in ``names``."""
+    if not os.path.exists(path):
+        return {}
+    rows, inside = {}, False
+    for line in open(path).read().splitlines():
+        if line == header:
+            inside = True
+        elif inside and line.startswith("| ") and not line.startswith("|---"):
+            name = line.split("|")[1].strip()
+            if name not in names:
+                rows[name] = line
+        elif inside and not line.startswith("|"):
+            inside = False
+    return rows
 
 
 def row(name: str, s: dict) -> str:
@@ -68,15 +103,34 @@ def main() -> None:
         print(json.dumps({"config": name, "test": results[name]["test"]}), flush=True)
     lines = ["# The family on full Fashion-MNIST", "",
              f"Made by `python -m experiments.family --workdir={args.workdir}"
-             + (f" --only={args.only}" if args.only else "")
-             + (f" --epochs={args.epochs}" if args.epochs else "") + "` on 2 CPU cores.",
+             + (f" --epochs={args.epochs}" if args.epochs else "") + "` on 2 CPU cores (a run "
+             "with `--only=NAMES` replaces those rows and keeps the others).",
              "Squared error per test image (sum over 784 pixels, Hinton & Salakhutdinov's measure) "
              "for the best-validation parameters; PCA at the same code size; terms in nats. The VAE "
              "trains on dynamically binarized images, so its errors are against binary targets; "
              "`seconds` is wall time on a shared machine.", "",
-             "| config | epochs | test SE/image | PCA SE/image | mean code activation | terms | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [row(n, s) for n, s in results.items()]
+             HEADER, "|---|---|---|---|---|---|---|"]
+    old = kept_rows(args.table, HEADER, set(results))
+    new = {n: row(n, s) for n, s in results.items()}
+    lines += [new.get(n) or old[n] for n in FAMILY if n in new or n in old]
+    old_q = kept_rows(args.table, QUALITY_HEADER, set(results))
+    new_q = {n: quality_row(n, s["quality"]) for n, s in results.items() if "quality" in s}
+    floors = [s["quality"]["floor"] for s in results.values() if "floor" in s.get("quality", {})]
+    if new_q or old_q:
+        lines += ["", "## What the generative members generate", "",
+                  "10,000 generated images (decoded means) against the first 10,000 test images, "
+                  "on the 128 features of experiments/quality.py's classifier (MLP 784-512-128-10, "
+                  "trained once on the training images and cached); precision and recall are "
+                  "Kynkaanniemi et al.'s, k = 3. The floor is the test set's second half scored "
+                  "against its first half (5,000 images each).", "", QUALITY_HEADER,
+                  "|---|---|---|---|---|"]
+        if floors:
+            f = floors[0]
+            lines.append(f"| (floor: test images) | the test set's other half | "
+                         f"{f['frechet_distance']:.2f} | {f['precision']:.3f} | {f['recall']:.3f} |")
+        elif "(floor: test images)" in old_q:
+            lines.append(old_q["(floor: test images)"])
+        lines += [new_q.get(n) or old_q[n] for n in FAMILY if n in new_q or n in old_q]
     table = "\n".join(lines) + "\n"
     with open(args.table, "w") as f:
         f.write(table)

@@ -150,6 +150,58 @@ def prior_sampler(workdir: str) -> Callable[[jax.Array, int], np.ndarray]:
     return lambda rng, num: np.asarray(vae.sample_prior(model, params, rng, num))
 
 
+def generator(config, workdir: str, splits, *, components: int = 10, seed: int = 0):
+    """``(sample, description)`` for the generative model trained in ``workdir`` by ``config``,
+    where ``sample(rng, num)`` gives decoded means; ``(None, why)`` for a model without a prior.
+
+    A stochastic encoder (the VAE family): ``z ~ N(0, I)``. A deterministic one trained to match
+    ``N(0, I)`` (the ``mmd`` term, WAE): the same. Any other deterministic encoder (RAE): the
+    ex-post density of Ghosh et al., a Gaussian mixture of ``components`` full-covariance
+    components fitted to the training codes. A vector-quantized code (VQ-VAE) has no prior here.
+    """
+    from aejax import models, vae
+    from aejax.runtime import trainer
+
+    model = models.from_config(config.model)
+    params = trainer.load_best_params(workdir)
+    if callable(getattr(model, "posterior", None)):
+        return (lambda rng, num: np.asarray(vae.sample_prior(model, params, rng, num)),
+                "decoded means of z ~ N(0, I)")
+    if callable(getattr(model, "quantized", None)):
+        return None, "no prior over the codebook indices is fitted"
+    decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))
+    size = int(getattr(model, "code_size"))
+    if "mmd" in config.loss.terms:
+        return (lambda rng, num: np.asarray(decode(jax.random.normal(rng, (num, size)))),
+                "decoded z ~ N(0, I), the prior the MMD term matches")
+    from sklearn.mixture import GaussianMixture
+
+    codes = np.asarray(models.encode_batched(model, params, splits.train[0]), np.float64)
+    gmm = GaussianMixture(components, covariance_type="full", random_state=seed,
+                          reg_covar=1e-5).fit(codes)
+
+    def sample(rng, num):
+        z, _ = gmm.sample(num)
+        order = np.asarray(jax.random.permutation(rng, num))  # sample() groups by component
+        return np.asarray(decode(jnp.asarray(z[order], jnp.float32)))
+
+    return sample, f"ex-post GMM ({components} components) on the training codes, decoded"
+
+
+def generation_scores(config, workdir: str, splits, *, num: int = 10000) -> dict:
+    """Scores of ``num`` generated images against the first ``num`` test images, with the floor;
+    ``{"sampler": why}`` alone for a model without a prior."""
+    sample, description = generator(config, workdir, splits)
+    if sample is None:
+        return {"sampler": description}
+    params, info = classifier(splits)
+    x_test = np.asarray(splits.test[0])[:num]
+    return {"sampler": description, "classifier_test_accuracy": info["test_accuracy"],
+            "images": len(x_test),
+            **score(params, x_test, sample(jax.random.PRNGKey(0), len(x_test))),
+            "floor": floor(params, x_test)}
+
+
 def main(argv=None) -> dict:
     from experiments import probes
 

@@ -66,6 +66,27 @@ def test_family_config_trains_on_real_data(name, tiny_fashion, tmp_path):
         # On the same binarized images the k-sample bound is tighter than k = 1 (up to MC noise).
         assert test["iwae_nll"] <= test["iwae_nll_k1"] + 0.5
         assert abs(test["iwae_nll_k1"] + test["elbo"]) < 5.0  # -ELBO, other binarizations
+    if name in family.GENERATIVE:  # what experiments/quality.py scores: images in [0, 1]
+        from experiments import quality
+
+        sample, description = quality.generator(config, str(tmp_path), splits, components=2)
+        if name == "vqvae":
+            assert sample is None and "no prior" in description
+        else:
+            images = sample(jax.random.PRNGKey(0), 7)
+            assert images.shape == (7, 784) and np.all((images >= 0) & (images <= 1))
+            assert ("GMM" in description) == (name == "rae")
+
+
+def test_family_table_keeps_the_rows_of_configs_not_run(tmp_path):
+    path = tmp_path / "FAMILY.md"
+    path.write_text("\n".join(["# t", "", family.HEADER, "|---|", "| vanilla | 1 | 2 |",
+                               "| vae | 3 | 4 |", "", family.QUALITY_HEADER, "|---|",
+                               "| vae | z | 1.00 | 0.5 | 0.5 |", "", "after"]) + "\n")
+    assert family.kept_rows(str(path), family.HEADER, {"vae"}) == {"vanilla": "| vanilla | 1 | 2 |"}
+    assert family.kept_rows(str(path), family.QUALITY_HEADER, {"wae"}) == {
+        "vae": "| vae | z | 1.00 | 0.5 | 0.5 |"}
+    assert family.quality_row("vqvae", {"sampler": "no prior"}) == "| vqvae | no prior | — | — | — |"
 
 
 def test_stacked_params_compose_the_stage_encoders(tiny_fashion, tmp_path):
