@@ -106,8 +106,9 @@ def main() -> None:
              + (f" --epochs={args.epochs}" if args.epochs else "") + "` on 2 CPU cores (a run "
              "with `--only=NAMES` replaces those rows and keeps the others).",
              "Squared error per test image (sum over 784 pixels, Hinton & Salakhutdinov's measure) "
-             "for the best-validation parameters; PCA at the same code size; terms in nats. The VAE "
-             "trains on dynamically binarized images, so its errors are against binary targets; "
+             "for the best-validation parameters; PCA at the same code size; terms in nats. The "
+             "VAE-family configs train on dynamically binarized images, so their errors are "
+             "against binary targets, and their PCA is fitted and scored on binarized images too; "
              "`seconds` is wall time on a shared machine.", "",
              HEADER, "|---|---|---|---|---|---|---|"]
     old = kept_rows(args.table, HEADER, set(results))

@@ -66,6 +66,9 @@ def test_family_config_trains_on_real_data(name, tiny_fashion, tmp_path):
         # On the same binarized images the k-sample bound is tighter than k = 1 (up to MC noise).
         assert test["iwae_nll"] <= test["iwae_nll_k1"] + 0.5
         assert abs(test["iwae_nll_k1"] + test["elbo"]) < 5.0  # -ELBO, other binarizations
+    if config.pca_baseline:
+        # PCA is scored on the targets the model is scored on: binary for a binarizing config.
+        assert summary["pca"]["targets"] == ("binarized" if config.data.binarize else "grey levels")
     if name in family.GENERATIVE:  # what experiments/quality.py scores: images in [0, 1]
         from experiments import quality
 

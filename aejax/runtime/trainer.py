@@ -753,9 +753,16 @@ def write_summary(exp: Experiment, workdir: str, params, progress: Progress, tes
     description = models.describe(exp.model, params, jnp.asarray(x_test[:1]))
     pca_recon = None
     if cfg.pca_baseline:
-        fitted = pca.fit(x_train, description.code_size)
+        x_fit, x_score = x_train, x_test
+        if cfg.data.binarize:  # the model's targets are binary: so are PCA's, for a fair row
+            x_fit = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 4),
+                                                 jnp.asarray(x_train)))
+            x_score = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 1),
+                                                   jnp.asarray(x_test)))
+        fitted = pca.fit(x_fit, description.code_size)
         summary["pca"] = {"code_size": description.code_size,
-                          "test": pca.reconstruction_errors(fitted, x_test)}
+                          "targets": "binarized" if cfg.data.binarize else "grey levels",
+                          "test": pca.reconstruction_errors(fitted, x_score)}
         summary["autoencoder_beats_pca"] = (
             test["squared_error_per_image"] < summary["pca"]["test"]["squared_error_per_image"])
         n = cfg.num_figure_images
