@@ -1,5 +1,5 @@
 """Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]
-[--deep-contractive-only] [--iwae-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
+[--deep-contractive-only] [--iwae-only] [--conv-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
 exact modes on the deep 784-1000-500-250-30 encoder, as ratios to its plain step; not in the
 default run).
 
@@ -272,12 +272,13 @@ class StepRunner(NamedTuple):
 
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
                 num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False,
-                objective=None) -> StepRunner:
+                objective=None, loop=None) -> StepRunner:
     """The train loop's own fused step (gather + step + metric sums), ready to time.
 
     Each ``run()`` takes ``steps_per_call`` steps in one call, as the loop does between two log
     steps. ``mode`` and ``num_devices`` choose the loop's placement
-    (:class:`aejax.runtime.placement.Placement`).
+    (:class:`aejax.runtime.placement.Placement`); ``loop`` is ``fused_step``'s (None: the
+    loop's own choice, a program of one step per call for a convolutional step on a CPU).
     """
     per_example, tx, params, fresh_state, zero_metrics = setup(
         model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize,
@@ -287,7 +288,7 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
                             {"x": np.asarray(x_all[:BATCH])}, jax.random.PRNGKey(2))
     step_fn = step.make_train_step(per_example, tx, axis_name="data" if place.per_device else None)
     spe = len(x_all) // BATCH
-    run = place.fused_step(step_fn, BATCH, spe)
+    run = place.fused_step(step_fn, BATCH, spe, loop=loop)
     x = place.replicate(np.asarray(x_all))
     perm = place.permutation(place.replicate(jax.random.PRNGKey(1)), len(x_all), 0)
     rng = place.replicate(jax.random.PRNGKey(2))
@@ -554,6 +555,8 @@ def main() -> None:
                         help="only the data-parallel steps against the single-device step")
     parser.add_argument("--deep-contractive-only", action="store_true",
                         help="only the contractive estimators and exact modes on the deep encoder")
+    parser.add_argument("--conv-only", action="store_true",
+                        help="only the plain and the convolutional step (and their references)")
     parser.add_argument("--iwae-only", action="store_true",
                         help="only the test-NLL evaluation (the IWAE bound) against the roofline")
     args = parser.parse_args()
@@ -598,70 +601,71 @@ def main() -> None:
     matmul, matmul_flops = matmul_runner()
     plain = step_runner(ae, {}, x_all)
     spc = plain.steps_per_call
-    runners = {"matmul": (matmul, 3), "loop": plain.timed(100 // spc),
-               "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
-               "bare": (bare_runner(ae, x_all), 100), ("loop", "limit"): plain.limit(100 // spc)}
-    add_twins(runners, "loop", ae, plain.params, x_all, steps=10)
-    times = interleaved(runners, rounds=4 * repeats)
-    records.append(emit(name="matmul_roofline", n=2048,
-                        gflops=round(matmul_flops / times.best("matmul") / 1e9, 1)))
-    t_plain = times.best("loop")
-    records.append(emit(name="train_step", model="784-128-32-128-784", batch=BATCH,
-                        optimizer="adam", steps_per_call=spc,
-                        **against_references(times, "loop", product_flops(plain.products),
-                                             matmul_flops)))
-    records.append(emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
-                        loop_step_per_s=round(1 / t_plain, 1),
-                        fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
-                        overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3)))
-    records.append(emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
-                        step="jit(step.make_train_step), one fixed batch",
-                        steps_per_s=round(1 / times.best("bare"), 1),
-                        loop_speedup=round(times.ratio("bare", "loop"), 3)))
-    for record in parallel_steps(ae, x_all, repeats=2 * repeats):
-        records.append(emit(**record))
-
-    # The contractive modes, their limits, the plain step and one PyTorch twin in the same rounds:
-    # (steps per call, calls per timing) of each, less of the costly ones.
-    calls = {"best": (10, 3), "dense": (10, 2), "rev": (5, 2), "auto": (5, 2), "estimate": (10, 3)}
-    if not args.quick:
-        calls["fwd"] = (1, 1)  # ~1 s a step
-    resolved = {"best": "one_hidden: exact quadratic form per example",
-                "dense": "exact, Gram matrix of the first layer",
-                "estimate": "unbiased estimate, 1 probe"}
-    runners = {"matmul": (matmul, 1), "plain": plain.timed(2)}
-    contractive = {}
-    for mode, (steps, number) in calls.items():
-        terms = {"contractive": {"weight": 0.1, "mode": mode}}
-        contractive[mode] = step_runner(ae, terms, x_all, steps_per_call=steps)
-        runners[mode] = contractive[mode].timed(number)
-        runners[mode, "limit"] = contractive[mode].limit(number)
-    add_twins(runners, ("exact",), ae, plain.params, x_all, {"contractive": {"weight": 0.1}},
-              steps=2)
-    times = interleaved(runners, rounds=repeats)
-    for mode in calls:
-        for suffix in ("pytorch", "pytorch_1"):
-            if mode != "estimate" and ("exact", suffix) in times:  # the twin's penalty is exact
-                times[mode, suffix] = times["exact", suffix]
-        records.append(emit(name="contractive_step", mode=mode,
-                            method=resolved.get(mode, f"exact, jax {mode}-mode"),
-                            encoder="784-128-32 relu",
-                            ratio_to_plain=round(times.ratio(mode, "plain"), 2),
-                            **against_references(times, mode,
-                                                 product_flops(contractive[mode].products),
+    if not args.conv_only:  # everything but the model cases below
+        runners = {"matmul": (matmul, 3), "loop": plain.timed(100 // spc),
+                   "fixed": (fixed_batch_runner(ae, x_all)[0], 100 // spc, spc),
+                   "bare": (bare_runner(ae, x_all), 100), ("loop", "limit"): plain.limit(100 // spc)}
+        add_twins(runners, "loop", ae, plain.params, x_all, steps=10)
+        times = interleaved(runners, rounds=4 * repeats)
+        records.append(emit(name="matmul_roofline", n=2048,
+                            gflops=round(matmul_flops / times.best("matmul") / 1e9, 1)))
+        t_plain = times.best("loop")
+        records.append(emit(name="train_step", model="784-128-32-128-784", batch=BATCH,
+                            optimizer="adam", steps_per_call=spc,
+                            **against_references(times, "loop", product_flops(plain.products),
                                                  matmul_flops)))
-    # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
-    sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
-    sig_plain = step_runner(sig, {}, x_all)
-    sig_cf = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
-    times = interleaved({"matmul": (matmul, 1), "plain": sig_plain.timed(100 // spc),
-                         "penalty": sig_cf.timed(100 // spc),
-                         ("penalty", "limit"): sig_cf.limit(100 // spc)}, rounds=repeats)
-    records.append(emit(name="contractive_step", mode="sigmoid", method="closed form",
-                        encoder="784-128 sigmoid",
-                        ratio_to_plain=round(times.ratio("penalty", "plain"), 2),
-                        **against_references(times, "penalty", product_flops(sig_cf.products),
-                                             matmul_flops)))
+        records.append(emit(name="input_pipeline", model="784-128-32-128-784", batch=BATCH,
+                            loop_step_per_s=round(1 / t_plain, 1),
+                            fixed_batch_step_per_s=round(1 / times.best("fixed"), 1),
+                            overhead_fraction=round(1 - times.ratio("fixed", "loop"), 3)))
+        records.append(emit(name="one_step_per_call", model="784-128-32-128-784", batch=BATCH,
+                            step="jit(step.make_train_step), one fixed batch",
+                            steps_per_s=round(1 / times.best("bare"), 1),
+                            loop_speedup=round(times.ratio("bare", "loop"), 3)))
+        for record in parallel_steps(ae, x_all, repeats=2 * repeats):
+            records.append(emit(**record))
+
+        # The contractive modes, their limits, the plain step and one PyTorch twin in the same rounds:
+        # (steps per call, calls per timing) of each, less of the costly ones.
+        calls = {"best": (10, 3), "dense": (10, 2), "rev": (5, 2), "auto": (5, 2), "estimate": (10, 3)}
+        if not args.quick:
+            calls["fwd"] = (1, 1)  # ~1 s a step
+        resolved = {"best": "one_hidden: exact quadratic form per example",
+                    "dense": "exact, Gram matrix of the first layer",
+                    "estimate": "unbiased estimate, 1 probe"}
+        runners = {"matmul": (matmul, 1), "plain": plain.timed(2)}
+        contractive = {}
+        for mode, (steps, number) in calls.items():
+            terms = {"contractive": {"weight": 0.1, "mode": mode}}
+            contractive[mode] = step_runner(ae, terms, x_all, steps_per_call=steps)
+            runners[mode] = contractive[mode].timed(number)
+            runners[mode, "limit"] = contractive[mode].limit(number)
+        add_twins(runners, ("exact",), ae, plain.params, x_all, {"contractive": {"weight": 0.1}},
+                  steps=2)
+        times = interleaved(runners, rounds=repeats)
+        for mode in calls:
+            for suffix in ("pytorch", "pytorch_1"):
+                if mode != "estimate" and ("exact", suffix) in times:  # the twin's penalty is exact
+                    times[mode, suffix] = times["exact", suffix]
+            records.append(emit(name="contractive_step", mode=mode,
+                                method=resolved.get(mode, f"exact, jax {mode}-mode"),
+                                encoder="784-128-32 relu",
+                                ratio_to_plain=round(times.ratio(mode, "plain"), 2),
+                                **against_references(times, mode,
+                                                     product_flops(contractive[mode].products),
+                                                     matmul_flops)))
+        # Closed form for the one-layer sigmoid encoder, against the plain step of the same model.
+        sig = models.MLPAutoencoder(hidden=(), code_size=128, code_activation="sigmoid")
+        sig_plain = step_runner(sig, {}, x_all)
+        sig_cf = step_runner(sig, {"contractive": {"weight": 0.1, "mode": "sigmoid"}}, x_all)
+        times = interleaved({"matmul": (matmul, 1), "plain": sig_plain.timed(100 // spc),
+                             "penalty": sig_cf.timed(100 // spc),
+                             ("penalty", "limit"): sig_cf.limit(100 // spc)}, rounds=repeats)
+        records.append(emit(name="contractive_step", mode="sigmoid", method="closed form",
+                            encoder="784-128 sigmoid",
+                            ratio_to_plain=round(times.ratio("penalty", "plain"), 2),
+                            **against_references(times, "penalty", product_flops(sig_cf.products),
+                                                 matmul_flops)))
 
     # The VAE of the same widths: 784-128-(mean, log-variance of 32)-128-784, binarized inputs;
     # then the deep and the convolutional autoencoder (fewer steps per call: their steps take
@@ -675,23 +679,31 @@ def main() -> None:
              ("deep_step", "784-1000-500-250-30, relu, linear code", deep, {}, x_all, False, 5, 1),
              ("conv_step", "conv 16-8-8, nearest upsampling (configs/conv.py)",
               models.ConvAutoencoder(), {}, x_img, False, 2, 1)]
+    if args.conv_only:
+        cases = cases[-1:]
     for name, description, model, terms, x, binarize, steps, number in cases:
         runner = step_runner(model, terms, x, binarize=binarize, steps_per_call=steps)
         runners = {"matmul": (matmul, 1), "plain": plain.timed(100 // spc),
                    name: runner.timed(number), (name, "limit"): runner.limit(number)}
+        if name == "conv_step" and jax.default_backend() == "cpu":  # the loop's program too
+            runners[name, "loop"] = step_runner(model, terms, x, steps_per_call=steps,
+                                                loop=True).timed(number)
         add_twins(runners, name, model, runner.params, x, terms, steps=min(steps, 5),
                   binarize=binarize)
         times = interleaved(runners, rounds=repeats)
         records.append(emit(name=name, model=description, batch=BATCH, optimizer="adam",
                             steps_per_call=steps,
                             ratio_to_plain=round(times.ratio(name, "plain"), 2),
+                            **({"while_loop_over_straight": round(times.ratio((name, "loop"), name), 2)}
+                               if (name, "loop") in times else {}),
                             **against_references(times, name, product_flops(runner.products),
                                                  matmul_flops)))
 
-    records.append(emit(**iwae_evaluation(x_all, matmul, matmul_flops,
-                                          num_samples=1000 if args.quick else 5000,
-                                          rounds=repeats)))
-    if not args.skip_epoch:
+    if not args.conv_only:
+        records.append(emit(**iwae_evaluation(x_all, matmul, matmul_flops,
+                                              num_samples=1000 if args.quick else 5000,
+                                              rounds=repeats)))
+    if not (args.skip_epoch or args.conv_only):
         records.append(emit(**epoch_time(t_plain, rounds=1 if args.quick else 2)))
     failed = [r for r in records if r.get("physical") is False]
     if failed:

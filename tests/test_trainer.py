@@ -150,6 +150,43 @@ def test_one_call_of_the_loops_step_equals_that_many_pure_steps(small_splits):
         np.testing.assert_allclose(many[1][k] - start[1][k], sums[k], rtol=1e-4, atol=1e-6)
 
 
+def test_a_convolutional_step_runs_straight_on_a_cpu_and_ends_as_the_loop_does():
+    """On a CPU a step with convolutions runs as a one-step program called per step: the same
+    steps, parameters and metric sums as the loop's program (to float tolerance: XLA picks other
+    convolution kernels there), and it stops after a non-finite step as the loop does."""
+    model = models.ConvAutoencoder(features=(4, 2, 2))
+    x_all = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (96, 28, 28, 1)))
+    per_example = step.make_per_example_fn(model, objectives.build("bce", {}))
+    tx = optax.adam(1e-2)
+    params = models.init(model, jax.random.PRNGKey(0), jnp.asarray(x_all[:32]))
+    names = step.metric_names(per_example, params, jnp.asarray(x_all[:32]))
+    place = placement.Placement.create("none", 1)
+    perm = place.permutation(jax.random.PRNGKey(3), len(x_all), 0)
+    rng = jax.random.PRNGKey(1)
+    fresh = lambda: jax.tree.map(jnp.array, (step.TrainState.create(params, tx),
+                                             {k: jnp.zeros((), jnp.float32) for k in names}))
+    mlp = models.MLPAutoencoder(input_shape=(28, 28, 1), hidden=(), code_size=4)
+    with_nan = x_all.copy()
+    with_nan[np.asarray(perm)[32:64]] = np.nan  # batch 1 of the order: both stop after it
+    train_step = step.make_train_step(per_example, tx)
+    looped, auto = (place.fused_step(train_step, 32, 3, loop=loop) for loop in (True, None))
+    for data in (x_all, with_nan):
+        a_state, a_acc = looped(*fresh(), jnp.asarray(data), perm, 3, rng)
+        b_state, b_acc = auto(*fresh(), jnp.asarray(data), perm, 3, rng)
+        assert auto.loops is False
+        assert int(a_state.step) == int(b_state.step) and int(a_state.bad_step) == int(b_state.bad_step)
+        for a, b in zip(jax.tree.leaves((a_state.params, a_acc)), jax.tree.leaves((b_state.params, b_acc))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(b_state.bad_step) == 1 and int(b_state.step) == 2
+    # A step without convolutions keeps the loop.
+    per_mlp = step.make_per_example_fn(mlp, objectives.build("bce", {}))
+    p_mlp = models.init(mlp, jax.random.PRNGKey(0), jnp.asarray(x_all[:32]))
+    run = place.fused_step(step.make_train_step(per_mlp, tx), 32, 3)
+    acc = {k: jnp.zeros((), jnp.float32) for k in step.metric_names(per_mlp, p_mlp, jnp.asarray(x_all[:32]))}
+    run(step.TrainState.create(p_mlp, tx), acc, jnp.asarray(x_all), perm, 2, rng)
+    assert run.loops is True
+
+
 def test_evaluate_masked_mean_counts_padding_right(small_splits):
     """Evaluating in padded batches equals the plain mean over every example."""
     model = models.MLPAutoencoder(input_shape=(64,), hidden=(16,), code_size=4)

@@ -161,7 +161,8 @@ class Placement:
         return jax.jit(body, in_shardings=shardings,
                        out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1))
 
-    def fused_step(self, step_fn: Callable, batch_size: int, steps_per_epoch: int) -> Callable:
+    def fused_step(self, step_fn: Callable, batch_size: int, steps_per_epoch: int, *,
+                   loop: Optional[bool] = None) -> Callable:
         """``run(state, acc, x_all, perm, num_steps, rng) -> (state, acc)``: up to ``num_steps`` steps.
 
         The device-resident fast path. Each step gathers batch ``state.step % steps_per_epoch``
@@ -172,6 +173,14 @@ class Placement:
         after the first step with a non-finite metric (``state.bad_step``), so ``acc`` then
         holds that step's values. ``step_fn`` is the global step, or for ``per_device`` the
         per-device one over ``DATA_AXIS``. State and accumulator are donated.
+
+        ``loop=False`` runs the same step as a program of one step, called ``num_steps`` times
+        from the host (which reads ``state.bad_step`` after each). ``None`` chooses it for a
+        step with convolutions on a CPU, in one process and not ``per_device``: inside a loop,
+        XLA's CPU backend leaves the convolutions' kernel gradients in a slow generic form that
+        it rewrites for its fast kernels in straight-line code (a conv step took a third of the
+        time there), while a convolutional step is long enough that a dispatch per step costs
+        nothing measurable.
         """
         num_rows = batch_size // self.num_devices if self.per_device else batch_size
         constrain = (lambda a: a) if self.per_device else (
@@ -199,7 +208,28 @@ class Placement:
             _, state, acc = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, acc))
             return state, acc
 
-        return self._compile(run, (P(),) * 6)
+        looped = self._compile(run, (P(),) * 6)
+        if loop or self.per_device or jax.process_count() > 1:
+            return looped
+        single = self._compile(one_step, (P(),) * 5)
+        chosen: dict = {} if loop is None else {"loop": False}
+
+        def dispatch(state, acc, x_all, perm, num_steps, rng):
+            if "loop" not in chosen:
+                chosen["loop"] = not (jax.default_backend() == "cpu" and _has_primitive(
+                    jax.make_jaxpr(one_step)(state, acc, x_all, perm, rng).jaxpr,
+                    "conv_general_dilated"))
+                dispatch.loops = chosen["loop"]
+            if chosen["loop"]:
+                return looped(state, acc, x_all, perm, num_steps, rng)
+            for _ in range(int(num_steps)):
+                state, acc = single(state, acc, x_all, perm, rng)
+                if int(state.bad_step) >= 0:
+                    break
+            return state, acc
+
+        dispatch.loops = chosen.get("loop")  # None until the first call has chosen
+        return dispatch
 
     def stream_step(self, step_fn: Callable) -> Callable:
         """``run(state, acc, batch, rng) -> (state, acc)`` for batches placed by :meth:`batch`.
@@ -216,6 +246,15 @@ class Placement:
             return jax.lax.cond(state.bad_step < 0, take, lambda s, a: (s, a), state, acc)
 
         return self._compile(run, (P(), P(), P(DATA_AXIS), P()))
+
+
+def _has_primitive(jaxpr, name: str) -> bool:
+    """Whether ``jaxpr`` or any program inside it (a loop's body, a call) applies ``name``."""
+    from jax.extend.core import jaxprs_in_params
+
+    return any(e.primitive.name == name or any(_has_primitive(j, name)
+                                               for j in jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
 
 
 @functools.lru_cache(maxsize=None)
