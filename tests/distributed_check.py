@@ -4,7 +4,7 @@
 [--stream]`` trains :func:`dist_config` on ``placement_check.loop_splits()`` with
 ``jax.distributed`` on 127.0.0.1:PORT, one CPU device per process (``--stream``: batches from
 host memory, each process placing its rows), and prints one JSON line. After a lost peer it exits
-as experiments.main does: the error on stderr, status 3.
+as experiments.main does: the error on stderr, status 3; stopped by a signal, status 128 + it.
 """
 
 import argparse
@@ -66,6 +66,10 @@ def main() -> None:
     except distributed.PeerLostError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.exit_without_shutdown(3)
+    except trainer.Preempted as e:  # as experiments.main: the line, status 128 + signal
+        print(f"stopped: {e}", file=sys.stderr)
+        print(json.dumps({"process_id": args.process_id, "preempted_at": e.step}), flush=True)
+        sys.exit(128 + e.signum)
     print(json.dumps({"process_id": args.process_id, "steps": summary["steps"],
                       "test": summary["test"]}), flush=True)
 

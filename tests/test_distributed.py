@@ -108,6 +108,21 @@ def runs(tmp_path_factory):
     out["after_kill"] = read(root / "killed")
 
     out["restarted"] = finish(launch(root / "killed"))
+
+    # SIGTERM to process 1 alone (a preemption notice reaching one host): both processes agree
+    # on the stop at the same step boundary, save that step and exit; a restart resumes.
+    termed = launch(root / "termed", step_delay=0.3)
+    ckdir = root / "termed" / "checkpoints"
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and termed[0].poll() is None:
+        done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
+        if done and max(done) >= KILL_AFTER_STEP:
+            termed[1].send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out["termed"] = finish(termed, timeout=90)
+    out["after_term"] = read(root / "termed")
+    out["term_restarted"] = finish(launch(root / "termed"))
     return out
 
 
@@ -162,6 +177,25 @@ def test_after_a_dead_peer_the_last_checkpoint_restores_and_a_restart_resumes(ru
     assert f"Resumed from step {steps[-1]}" in runs["restarted"][0]["stderr"]
     assert "Streaming" in runs["two"][0]["stderr"] and "Streaming" not in runs["restarted"][0]["stderr"]
     _, resumed, _ = read(runs["root"] / "killed")
+    _, full, _ = read(runs["root"] / "two")
+    assert leaves_equal(resumed["state"], full["state"])
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_a_restart_resumes_bitwise(runs):
+    stopped = [json.loads(p["stdout"].strip().splitlines()[-1]) for p in runs["termed"]]
+    for proc in runs["termed"]:
+        assert proc["rc"] == 128 + signal.SIGTERM, proc["stderr"][-3000:]
+        assert "Stopped by SIGTERM" in proc["stderr"]
+    # The same step on both, and it is the newest checkpoint, not yet the end of the run.
+    assert stopped[0]["preempted_at"] == stopped[1]["preempted_at"]
+    steps, tree, meta = runs["after_term"]
+    assert steps[-1] == stopped[0]["preempted_at"] < STEPS and not meta["finished"]
+    _, same_step, _ = read(runs["root"] / "two", steps[-1])
+    assert leaves_equal(tree["state"], same_step["state"])
+    for proc in runs["term_restarted"]:
+        assert proc["rc"] == 0, proc["stderr"][-3000:]
+    assert f"Resumed from step {steps[-1]}" in runs["term_restarted"][0]["stderr"]
+    _, resumed, _ = read(runs["root"] / "termed")
     _, full, _ = read(runs["root"] / "two")
     assert leaves_equal(resumed["state"], full["state"])
 
