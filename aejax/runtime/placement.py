@@ -216,9 +216,10 @@ class Placement:
 
         def dispatch(state, acc, x_all, perm, num_steps, rng):
             if "loop" not in chosen:
+                # The loop's own trace (shared with its call: the step is traced once).
+                traced = looped.trace(state, acc, x_all, perm, num_steps, rng).jaxpr
                 chosen["loop"] = not (jax.default_backend() == "cpu" and _has_primitive(
-                    jax.make_jaxpr(one_step)(state, acc, x_all, perm, rng).jaxpr,
-                    "conv_general_dilated"))
+                    getattr(traced, "jaxpr", traced), "conv_general_dilated"))
                 dispatch.loops = chosen["loop"]
             if chosen["loop"]:
                 return looped(state, acc, x_all, perm, num_steps, rng)
