@@ -109,7 +109,8 @@ def main() -> None:
              "for the best-validation parameters; PCA at the same code size; terms in nats. The "
              "VAE-family configs train on dynamically binarized images, so their errors are "
              "against binary targets, and their PCA is fitted and scored on binarized images too; "
-             "`seconds` is wall time on a shared machine.", "",
+             "`seconds` is the wall time of the command's work on that row on a shared machine "
+             "(for a run that had finished before, its re-evaluation's).", "",
              HEADER, "|---|---|---|---|---|---|---|"]
     old = kept_rows(args.table, HEADER, set(results))
     new = {n: row(n, s) for n, s in results.items()}
