@@ -135,7 +135,7 @@ def make_record(results: dict) -> dict:
             "validation loss kept), seeds " + ", ".join(str(r["seed"]) for r in runs
                                                          if r["arm"] == "vae") + ". The test NLL "
             "on all 10 000 test images, binarized once, by the IWAE bound with each k; its "
-            "standard error over the images is in runs/repro_iwae/results.json. The paper: "
+            "standard error over the images is in the table below. The paper: "
             "MNIST, i = 0..7 (3 280 epochs), batch 20."),
         "cost": {"wall_seconds": round(seconds), "cpu": "2 CPU cores shared with other jobs"},
         "command": "python -m experiments.repro_iwae --workdir=runs/repro_iwae "

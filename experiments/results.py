@@ -476,8 +476,8 @@ def verdict(comparison: Mapping, arms: Mapping[str, Mapping],
         if not math.isfinite(p):
             return Verdict("inconclusive", "p undefined: no spread in either arm", difference, t, p)
         if p < ALPHA:
-            return Verdict(_decide(expect, difference), f"p = {_p(p)}", difference, t, p)
-        return Verdict("inconclusive", f"p = {_p(p)}", difference, t, p)
+            return Verdict(_decide(expect, difference), _p(p), difference, t, p)
+        return Verdict("inconclusive", _p(p), difference, t, p)
     if a.n < MIN_SEEDS:
         return Verdict("inconclusive", f"{_seed_count([a.n])}; rule needs >= {MIN_SEEDS}",
                        difference)
@@ -513,7 +513,8 @@ def summary_line(records: Iterable[Mapping]) -> str:
 
 
 def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    """``"p = 0.012"``, or ``"p < 0.001"``."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def _fmt(x: float, decimals: int) -> str:
@@ -564,7 +565,7 @@ def _show_b(record: Mapping, c: Mapping, *, long: bool) -> str:
 def _show_test(record: Mapping, c: Mapping, v: Verdict) -> str:
     d = _arm_decimals(record, record["arms"][c["a"]])
     if v.p is not None:
-        return f"{RULE_NAMES[c['rule']]}: t = {v.t:.2f}, p = {_p(v.p)}"
+        return f"{RULE_NAMES[c['rule']]}: t = {v.t:.2f}, {_p(v.p)}"
     if v.two_se is not None:
         return (f"{RULE_NAMES[c['rule']]}: difference {_fmt(v.difference, d)}, "
                 f"2 SE = {_fmt(v.two_se, d)}")
