@@ -63,6 +63,20 @@ def finish(procs, timeout=TIMEOUT) -> list[dict]:
     return out
 
 
+def signal_once_checkpointed(procs, workdir, sig):
+    """Sends ``sig`` to process 1 once a checkpoint of step >= KILL_AFTER_STEP exists in
+    ``workdir``; returns that checkpoint's step (None if the run ended first)."""
+    ckdir = workdir / "checkpoints"
+    deadline, done = time.time() + TIMEOUT, []
+    while time.time() < deadline and procs[0].poll() is None:
+        done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
+        if done and max(done) >= KILL_AFTER_STEP:
+            procs[1].send_signal(sig)
+            break
+        time.sleep(0.05)
+    return max(done) if done else None
+
+
 def read(workdir, step=None):
     ckpts = checkpoints.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
@@ -93,16 +107,8 @@ def runs(tmp_path_factory):
     out["two"] = finish(full)
 
     killed = launch(root / "killed", step_delay=0.3)
-    ckdir = root / "killed" / "checkpoints"
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline and killed[0].poll() is None:
-        done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
-        if done and max(done) >= KILL_AFTER_STEP:
-            killed[1].send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    out["killed_checkpoint"] = signal_once_checkpointed(killed, root / "killed", signal.SIGKILL)
     killed_at = time.time()
-    out["killed_checkpoint"] = max(done) if done else None
     out["killed"] = finish(killed, timeout=60)
     out["survivor_seconds"] = time.time() - killed_at
     out["after_kill"] = read(root / "killed")
@@ -112,14 +118,7 @@ def runs(tmp_path_factory):
     # SIGTERM to process 1 alone (a preemption notice reaching one host): both processes agree
     # on the stop at the same step boundary, save that step and exit; a restart resumes.
     termed = launch(root / "termed", step_delay=0.3)
-    ckdir = root / "termed" / "checkpoints"
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline and termed[0].poll() is None:
-        done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
-        if done and max(done) >= KILL_AFTER_STEP:
-            termed[1].send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
+    signal_once_checkpointed(termed, root / "termed", signal.SIGTERM)
     out["termed"] = finish(termed, timeout=90)
     out["after_term"] = read(root / "termed")
     out["term_restarted"] = finish(launch(root / "termed"))

@@ -347,14 +347,19 @@ def test_checkpoint_of_another_model_is_a_clear_error_and_moves_nothing(small_sp
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
-def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits, tmp_path):
+def finished_and_partial_runs(small_splits, tmp_path):
+    """A finished 3-epoch run (``ref``) and the first 2 epochs of the same run (``work``):
+    ``(ref, ref's parameters, work, work's checkpoint directory)``."""
     ref = tmp_path / "ref"
     trainer.train_and_evaluate(small_config(), str(ref), splits=small_splits)
     ref_params, _ = params_of(str(ref))
-
     work = tmp_path / "work"
     trainer.train_and_evaluate(small_config(num_epochs=2), str(work), splits=small_splits)
-    ckdir = work / "checkpoints"
+    return ref, ref_params, work, work / "checkpoints"
+
+
+def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits, tmp_path):
+    ref, ref_params, work, ckdir = finished_and_partial_runs(small_splits, tmp_path)
     latest = max(int(s) for s in os.listdir(ckdir) if s.isdigit())
     # Corrupt every data file of the newest checkpoint.
     for root, _, files in os.walk(ckdir / str(latest)):
@@ -369,13 +374,7 @@ def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_the_same(small_splits
 
 
 def test_no_verified_checkpoint_stops_the_run_unless_asked_to_start_afresh(small_splits, tmp_path):
-    ref = tmp_path / "ref"
-    trainer.train_and_evaluate(small_config(), str(ref), splits=small_splits)
-    ref_params, _ = params_of(str(ref))
-
-    work = tmp_path / "work"
-    trainer.train_and_evaluate(small_config(num_epochs=2), str(work), splits=small_splits)
-    ckdir = work / "checkpoints"
+    ref, ref_params, work, ckdir = finished_and_partial_runs(small_splits, tmp_path)
     for step_dir in [ckdir / s for s in os.listdir(ckdir) if s.isdigit()]:
         for root, _, files in os.walk(step_dir):
             for f in files:
