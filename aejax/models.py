@@ -10,6 +10,9 @@ The protocol (a user's own ``nn.Module`` follows it in a few lines):
   ``model.decode(code) -> logits`` where the decoder can run on codes alone.
 * Hidden activations sown into the ``intermediates`` collection under layer names, so penalties
   reach any layer (``self.sow("intermediates", "hidden_0", h)``).
+* Conditional models (a class attribute ``conditional = True``, e.g. :class:`CVAE`) take the
+  examples' integer labels as a second argument everywhere: ``model(x, y)``, ``encode(x, y)``,
+  ``decode(code, y)``; the training loop passes ``batch["y"]``.
 * Optional: ``dense_layers() -> tuple[DenseLayer, ...]``, the encoder written as a chain of
   dense layers on the flattened input; the exact contractive shortcuts use it. A stochastic
   model offers ``posterior(x) -> (mean, logvar)`` and ``decoder_log_scale()`` for
@@ -368,6 +371,85 @@ class VAE(nn.Module):
                                 "log_scale": self.decoder_log_scale()}
 
 
+
+class CVAE(nn.Module):
+    """Conditional VAE (Sohn et al. 2015): :class:`VAE` with the label in encoder and decoder.
+
+    ``q(z|x, y)`` sees the flattened image with the one-hot label appended, ``p(x|z, y)`` the code
+    with the one-hot label appended; the prior is ``N(0, I)`` for every class. Generation of a
+    chosen class decodes ``z ~ N(0, I)`` with that label (``decode(z, y)``). A conditional model:
+    every call takes the labels ``y`` ``(B,)`` (integers in ``[0, num_classes)``) as its second
+    argument.
+
+    Attributes:
+      input_shape: per-example input shape.
+      num_classes: number of labels.
+      hidden: encoder hidden widths (the decoder mirrors them).
+      latent_size: dimension of ``z``.
+      activation: hidden activation name.
+    """
+
+    conditional = True  # a class attribute, not a field: the protocol's marker
+
+    input_shape: Sequence[int] = (784,)
+    num_classes: int = 10
+    hidden: Sequence[int] = (512,)
+    latent_size: int = 2
+    activation: str = "relu"
+
+    def setup(self):
+        activation(self.activation)
+        if self.num_classes < 2:
+            raise ValueError(f"CVAE: num_classes must be at least 2, got {self.num_classes}.")
+        self.enc = [nn.Dense(w, name=f"encoder_{i}") for i, w in enumerate(self.hidden)]
+        self.mean_layer = nn.Dense(self.latent_size, name="encoder_mean")
+        self.logvar_layer = nn.Dense(self.latent_size, name="encoder_logvar")
+        self.dec = [nn.Dense(w, name=f"decoder_{i}") for i, w in enumerate(reversed(self.hidden))]
+        self.out = nn.Dense(math.prod(self.input_shape), name="decoder_out")
+
+    def _with_label(self, h: Array, y: Array) -> Array:
+        if y.shape != h.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"CVAE: labels must be integers of shape ({h.shape[0]},), got "
+                             f"{y.dtype} {tuple(y.shape)}.")
+        return jnp.concatenate([h, jax.nn.one_hot(y, self.num_classes, dtype=h.dtype)], axis=1)
+
+    def posterior(self, x: Array, y: Array) -> tuple[Array, Array]:
+        """``(mean, logvar)`` of ``q(z|x, y)``, each ``(B, latent_size)``."""
+        check_input(x, self.input_shape, "CVAE")
+        h = self._with_label(x.reshape(x.shape[0], -1), y)
+        act = activation(self.activation)
+        for i, layer in enumerate(self.enc):
+            h = act(layer(h))
+            self.sow("intermediates", f"hidden_{i}", h)
+        return self.mean_layer(h), self.logvar_layer(h)
+
+    def encode(self, x: Array, y: Array) -> Array:
+        """The posterior mean ``(B, latent_size)``."""
+        return self.posterior(x, y)[0]
+
+    def decode(self, z: Array, y: Array) -> Array:
+        """Bernoulli logits ``(B, *input_shape)`` of ``p(x|z, y)``."""
+        if z.ndim != 2 or z.shape[1] != self.latent_size:
+            raise ValueError(f"CVAE.decode: expected latents of shape (B, {self.latent_size}), "
+                             f"got {tuple(z.shape)}.")
+        act = activation(self.activation)
+        h = self._with_label(z, y)
+        for layer in self.dec:
+            h = act(layer(h))
+        return self.out(h).reshape((z.shape[0], *self.input_shape))
+
+    def decoder_log_scale(self) -> Array:
+        return jnp.zeros(())
+
+    def __call__(self, x: Array, y: Array) -> tuple[Array, dict[str, Array]]:
+        """``(logits, aux)`` as :class:`VAE`'s, given the labels ``y``."""
+        mean, logvar = self.posterior(x, y)
+        noise = jax.random.normal(self.make_rng(SAMPLE_RNG), mean.shape, mean.dtype)
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        return self.decode(z, y), {"code": z, "mean": mean, "logvar": logvar,
+                                   "log_scale": self.decoder_log_scale()}
+
+
 class VQVAE(nn.Module):
     """VQ-VAE (van den Oord et al. 2017) with MLP encoder and decoder.
 
@@ -444,6 +526,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLPAutoencoder,
     "conv": ConvAutoencoder,
     "vae": VAE,
+    "cvae": CVAE,
     "vqvae": VQVAE,
 }
 
@@ -498,19 +581,42 @@ def from_config(model_config: Any) -> nn.Module:
 # --------------------------------------------------------------------------- the protocol's users
 
 
+
+def conditional(model: nn.Module) -> bool:
+    """Whether ``model`` takes the examples' labels as a second argument (``conditional = True``)."""
+    return bool(getattr(model, "conditional", False))
+
+
+def _args(model: nn.Module, first: Array, condition: Optional[Array], fn: str) -> tuple:
+    """``(first,)`` or, for a conditional model, ``(first, condition)``: a clear error without it."""
+    if not conditional(model):
+        return (first,)
+    if condition is None:
+        raise ValueError(f"{fn}: {type(model).__name__} is a conditional model; pass the examples' "
+                         "labels (condition=y; in a batch, batch['y']).")
+    return (first, jnp.asarray(condition))
+
+
+def stand_in_condition(model: nn.Module, example: Array) -> Optional[Array]:
+    """Labels to stand in for ``example``'s (zeros) where shapes alone matter; None if unconditional."""
+    return jnp.zeros(example.shape[:1], jnp.int32) if conditional(model) else None
+
+
 def init(model: nn.Module, rng: Array, example: Array) -> dict:
     """Initial ``params`` of ``model`` for inputs shaped like ``example`` (one batch)."""
-    return model.init({"params": rng, SAMPLE_RNG: jax.random.PRNGKey(0)}, example)["params"]
+    args = _args(model, example, stand_in_condition(model, example), "init")
+    return model.init({"params": rng, SAMPLE_RNG: jax.random.PRNGKey(0)}, *args)["params"]
 
 
-def forward(model: nn.Module, params: Any, x: Array, rng: Array
+def forward(model: nn.Module, params: Any, x: Array, rng: Array, condition: Optional[Array] = None
             ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
     """``(logits, aux, activations)``: one call of ``model`` with its sown activations by name.
 
-    ``rng`` feeds the :data:`SAMPLE_RNG` stream. ``activations`` always has ``"code"``.
+    ``rng`` feeds the :data:`SAMPLE_RNG` stream; ``condition`` holds the labels of a conditional
+    model. ``activations`` always has ``"code"``.
     """
-    (logits, aux), state = model.apply({"params": params}, x, rngs={SAMPLE_RNG: rng},
-                                       mutable=["intermediates"])
+    (logits, aux), state = model.apply({"params": params}, *_args(model, x, condition, "forward"),
+                                       rngs={SAMPLE_RNG: rng}, mutable=["intermediates"])
     if not isinstance(aux, dict) or "code" not in aux:
         raise TypeError(f"{type(model).__name__} does not follow the aejax model protocol: its call "
                         "must return (logits, aux) with aux['code'] (see aejax.models).")
@@ -519,14 +625,19 @@ def forward(model: nn.Module, params: Any, x: Array, rng: Array
     return logits, aux, activations
 
 
-def encoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
-    """The deterministic encoder ``x -> code`` at ``params``."""
-    return lambda x: model.apply({"params": params}, x, method="encode")
+def encoder(model: nn.Module, params: Any, condition: Optional[Array] = None
+            ) -> Callable[[Array], Array]:
+    """The deterministic encoder ``x -> code`` at ``params`` (given the labels ``condition`` of a
+    conditional model: then ``x`` must hold the same examples, in the same order)."""
+    return lambda x: model.apply({"params": params}, *_args(model, x, condition, "encoder"),
+                                 method="encode")
 
 
-def decoder(model: nn.Module, params: Any) -> Callable[[Array], Array]:
-    """The decoder ``code -> logits`` at ``params``."""
-    return lambda z: model.apply({"params": params}, z, method="decode")
+def decoder(model: nn.Module, params: Any, condition: Optional[Array] = None
+            ) -> Callable[[Array], Array]:
+    """The decoder ``code -> logits`` at ``params`` (given the labels of a conditional model)."""
+    return lambda z: model.apply({"params": params}, *_args(model, z, condition, "decoder"),
+                                 method="decode")
 
 
 def first_layer_kernel(model: nn.Module, params: Any) -> Array:
@@ -567,42 +678,52 @@ class Description(NamedTuple):
       code_size: width ``H`` of ``aux["code"]``.
       stochastic: whether the model returns a posterior (``aux["mean"]``, ``aux["logvar"]``).
       aux: the names in ``aux``.
+      conditional: whether the model takes labels (:func:`conditional`).
     """
 
     code_size: int
     stochastic: bool
     aux: tuple[str, ...]
+    conditional: bool = False
 
 
 def describe(model: nn.Module, params: Any, example: Array) -> Description:
     """:class:`Description` of ``model`` on inputs shaped like ``example`` (``jax.eval_shape``)."""
-    _, aux, _ = jax.eval_shape(lambda p, x: forward(model, p, x, jax.random.PRNGKey(0)),
-                               params, example)
+    condition = stand_in_condition(model, example)
+    _, aux, _ = jax.eval_shape(lambda p, x, c: forward(model, p, x, jax.random.PRNGKey(0), c),
+                               params, example, condition)
     code = aux["code"]
     return Description(code_size=math.prod(code.shape[1:]),
-                       stochastic="mean" in aux and "logvar" in aux, aux=tuple(sorted(aux)))
+                       stochastic="mean" in aux and "logvar" in aux, aux=tuple(sorted(aux)),
+                       conditional=conditional(model))
 
 
-def reconstruct_logits(model: nn.Module, params: Any, x: Array) -> Array:
+def reconstruct_logits(model: nn.Module, params: Any, x: Array,
+                       condition: Optional[Array] = None) -> Array:
     """Deterministic reconstructions' logits: a stochastic model decodes its posterior mean."""
-    logits, aux, _ = forward(model, params, x, jax.random.PRNGKey(0))
+    logits, aux, _ = forward(model, params, x, jax.random.PRNGKey(0), condition)
     if "mean" in aux:
-        logits = decoder(model, params)(aux["mean"])
+        logits = decoder(model, params, condition)(aux["mean"])
     return logits
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _encode_jit(params, x, *, model: nn.Module):
-    return model.apply({"params": params}, x, method="encode")
+def _encode_jit(params, x, condition, *, model: nn.Module):
+    return encoder(model, params, condition)(x)
 
 
-def encode_batched(model: nn.Module, params: Any, x, *, batch_size: int = 2000) -> Array:
-    """Codes ``(N, H)`` of a whole array ``x``, ``batch_size`` rows at a time.
+def encode_batched(model: nn.Module, params: Any, x, *, batch_size: int = 2000,
+                   condition=None) -> Array:
+    """Codes ``(N, H)`` of a whole array ``x``, ``batch_size`` rows at a time (given the labels
+    ``condition`` ``(N,)`` of a conditional model).
 
     One compiled encoder per model, batch shape and dtype (the model is a static argument, so
     repeated calls compile nothing new); the last, shorter batch compiles once more.
     """
     if batch_size <= 0:
         raise ValueError(f"encode_batched: batch_size must be positive, got {batch_size}.")
-    return jnp.concatenate([_encode_jit(params, jnp.asarray(x[i:i + batch_size]), model=model)
+    _args(model, x, condition, "encode_batched")
+    part = lambda i: None if condition is None else jnp.asarray(condition[i:i + batch_size])
+    return jnp.concatenate([_encode_jit(params, jnp.asarray(x[i:i + batch_size]), part(i),
+                                        model=model)
                             for i in range(0, len(x), batch_size)])

@@ -38,6 +38,7 @@ class Forward(NamedTuple):
       model: the flax module.
       params: its parameters.
       extras: the model's ``aux`` outputs (a VAE's ``mean``, ``logvar``, ``log_scale``).
+      condition: the labels ``(B,)`` a conditional model was given, else None.
     """
 
     x: Array
@@ -51,25 +52,28 @@ class Forward(NamedTuple):
     model: nn.Module
     params: Any
     extras: Mapping[str, Array]
+    condition: Optional[Array] = None
 
     def encode(self, x: Array) -> Array:
-        """The deterministic encoder (a VAE's posterior mean) at the current parameters."""
-        return models.encoder(self.model, self.params)(x)
+        """The deterministic encoder (a VAE's posterior mean) at the current parameters; for a
+        conditional model ``x`` holds the batch's examples (with their labels ``condition``)."""
+        return models.encoder(self.model, self.params, self.condition)(x)
 
     def decode(self, code: Array) -> Array:
         """The decoder ``(B, H) -> logits`` at the current parameters."""
-        return models.decoder(self.model, self.params)(code)
+        return models.decoder(self.model, self.params, self.condition)(code)
 
 
 def forward(model: nn.Module, params: Any, x: Array, x_in: Array, *, rng: Array,
-            step: Array, mask: Optional[Array] = None) -> Forward:
-    """Runs ``model`` on ``x_in`` and collects what the terms need."""
+            step: Array, mask: Optional[Array] = None, condition: Optional[Array] = None) -> Forward:
+    """Runs ``model`` on ``x_in`` (with the labels ``condition`` of a conditional model) and
+    collects what the terms need."""
     r_model, r_terms = jax.random.split(rng)
     mask = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask
-    logits, aux, activations = models.forward(model, params, x_in, r_model)
+    logits, aux, activations = models.forward(model, params, x_in, r_model, condition)
     return Forward(x=x, x_in=x_in, logits=logits, code=aux["code"], activations=activations,
                    mask=mask, step=step, rng=r_terms, model=model, params=params,
-                   extras={k: v for k, v in aux.items() if k != "code"})
+                   extras={k: v for k, v in aux.items() if k != "code"}, condition=condition)
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
@@ -528,7 +532,8 @@ def check_compatible(model: nn.Module, params: Any, x: Array,
     (``aux["mean"]``, ``aux["logvar"]``; IWAE also ``posterior`` and ``decode``), the VQ terms a
     quantizer's ``aux``, the decoder penalty a ``decode`` that runs on codes.
     """
-    _, aux, activations = models.forward(model, params, x, jax.random.PRNGKey(0))
+    condition = models.stand_in_condition(model, x)
+    _, aux, activations = models.forward(model, params, x, jax.random.PRNGKey(0), condition)
     name = type(model).__name__
     for kind in (k for k in POSTERIOR_TERMS if k in terms):
         if not ("mean" in aux and "logvar" in aux):
@@ -545,7 +550,7 @@ def check_compatible(model: nn.Module, params: Any, x: Array,
                              f"{name} has none. Set model.name='vqvae' or remove the term.")
     if "decoder_jacobian" in terms:
         try:
-            jax.eval_shape(models.decoder(model, params), aux["code"])
+            jax.eval_shape(models.decoder(model, params, condition), aux["code"])
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"The 'decoder_jacobian' term needs model.decode(code) on codes "
                              f"alone; on {name} it fails: {e}") from None

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aejax import corruptions, objectives
+from aejax import corruptions, models, objectives
 from aejax.data import batching
 
 Array = jax.Array
@@ -69,7 +69,8 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
                         compute_dtype: str = "float32") -> PerExampleFn:
     """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
 
-    ``batch`` has ``x`` (clean images) and optionally ``mask`` (B,). Binarization and corruption
+    ``batch`` has ``x`` (clean images), optionally ``mask`` (B,), and ``y`` (B,), the labels a
+    conditional model (:func:`aejax.models.conditional`) is given. Binarization and corruption
     draw from ``rng``; metrics hold every objective term, the reconstruction errors (of the
     objective's own reconstruction term's images) and, for objectives with a KL term, the ELBO.
 
@@ -86,8 +87,12 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
                          "reconstruction term, objectives.reconstruction(kind): its images give "
                          "the reconstruction-error metrics.")
     low = compute_dtype != "float32"
+    fn_conditional = models.conditional(model)
 
     def fn(params, batch, rng, step):
+        if fn_conditional and "y" not in batch:
+            raise ValueError(f"{type(model).__name__} is a conditional model: its batches need the "
+                             "labels, batch['y'].")
         x = batch["x"]
         mask = batch.get("mask")
         r_bin, r_cor, r_fwd = jax.random.split(rng, 3)
@@ -96,7 +101,8 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         x_in = corrupt(r_cor, x) if corrupt is not None else x
         if low:
             params, x_in = _cast_floats((params, x_in), compute_dtype)
-        f = objectives.forward(model, params, x, x_in, rng=r_fwd, step=step, mask=mask)
+        f = objectives.forward(model, params, x, x_in, rng=r_fwd, step=step, mask=mask,
+                               condition=batch.get("y"))
         if low:
             f = f._replace(**_cast_floats(dict(logits=f.logits, code=f.code, activations=f.activations,
                                                extras=f.extras), jnp.float32))
@@ -220,9 +226,15 @@ def shardwise(per_example: PerExampleFn, num_shards: int) -> PerExampleFn:
     return fn
 
 
-def metric_names(per_example: PerExampleFn, params, x: Array) -> tuple[str, ...]:
-    """The names of the step's metrics for inputs like ``x`` (found without running anything)."""
-    _, metrics = jax.eval_shape(per_example, params, {"x": x}, jax.random.PRNGKey(0),
+def as_batch(x) -> dict:
+    """``x`` as a batch dict: an array is ``{"x": x}``; a dict (``x``, ``y``, ...) is kept."""
+    return dict(x) if isinstance(x, Mapping) else {"x": x}
+
+
+def metric_names(per_example: PerExampleFn, params, x) -> tuple[str, ...]:
+    """The names of the step's metrics for inputs like ``x`` (an array, or a batch dict with the
+    labels of a conditional model), found without running anything."""
+    _, metrics = jax.eval_shape(per_example, params, as_batch(x), jax.random.PRNGKey(0),
                                 jnp.zeros((), jnp.int32))
     return tuple(metrics) + ("grad_norm",)
 
@@ -230,18 +242,22 @@ def metric_names(per_example: PerExampleFn, params, x: Array) -> tuple[str, ...]
 def make_evaluate(per_example: PerExampleFn):
     """``evaluate(params, xs (N, B, ...), masks (N, B), rng, step) -> {metric: mean}`` in one call.
 
-    Batches are scanned inside one jitted call; padded examples (mask 0) do not count.
+    ``xs`` is an array of images, or a dict of batched arrays (``x``, and ``y`` for a conditional
+    model). Batches are scanned inside one jitted call; padded examples (mask 0) do not count.
     """
 
     def evaluate(params, xs, masks, rng, step):
+        xs = as_batch(xs)
+
         def body(sums, inputs):
-            i, x, mask = inputs
-            _, metrics = per_example(params, {"x": x, "mask": mask}, jax.random.fold_in(rng, i), step)
+            i, batch, mask = inputs
+            _, metrics = per_example(params, dict(batch, mask=mask), jax.random.fold_in(rng, i), step)
             return jax.tree.map(lambda s, v: s + (v * mask).sum(), sums, metrics), None
 
+        first = jax.tree.map(lambda a: a[0], xs)
         zeros = jax.tree.map(lambda s: jnp.zeros((), s.dtype),
-                             jax.eval_shape(lambda: per_example(params, {"x": xs[0]}, rng, step)[1]))
-        sums, _ = jax.lax.scan(body, zeros, (jnp.arange(xs.shape[0]), xs, masks))
+                             jax.eval_shape(lambda: per_example(params, first, rng, step)[1]))
+        sums, _ = jax.lax.scan(body, zeros, (jnp.arange(masks.shape[0]), xs, masks))
         count = masks.sum()
         return jax.tree.map(lambda s: s / count, sums)
 

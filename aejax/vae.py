@@ -2,7 +2,9 @@
 
 Pure functions of a stochastic model (:class:`aejax.models.VAE`, or any model that offers
 ``posterior(x) -> (mean, logvar)`` and ``decode(z)``) and its params; every random draw comes from an
-explicit key, and sample ``k`` of a bound always uses ``fold_in(rng, k)``.
+explicit key, and sample ``k`` of a bound always uses ``fold_in(rng, k)``. A conditional model
+(:class:`aejax.models.CVAE`) is given its examples' labels as ``condition=y``; its bounds are
+then bounds on ``log p(x|y)``.
 """
 
 from __future__ import annotations
@@ -62,14 +64,18 @@ def _likelihood(model) -> str:
     return getattr(model, "likelihood", "bernoulli")
 
 
-def _bind(model, params) -> tuple[EncodeFn, LogLikFn]:
+def _bind(model, params, condition=None) -> tuple[EncodeFn, LogLikFn]:
     variables = {"params": params}
+    if models.conditional(model) and condition is None:
+        raise ValueError(f"{type(model).__name__} is a conditional model: pass the examples' labels "
+                         "as condition=y.")
+    extra = () if condition is None else (condition,)
 
     def encode_fn(x: Array) -> tuple[Array, Array]:
-        return model.apply(variables, x, method="posterior")
+        return model.apply(variables, x, *extra, method="posterior")
 
     def log_lik_fn(z: Array, x: Array) -> Array:
-        out = model.apply(variables, z, method="decode")
+        out = model.apply(variables, z, *extra, method="decode")
         if _likelihood(model) == "bernoulli":
             return losses.bernoulli_log_prob(out, x)
         log_scale = model.apply(variables, method="decoder_log_scale")
@@ -139,7 +145,7 @@ def _iwae(posterior: tuple[Array, Array], log_lik_fn: LogLikFn, x: Array, rng: A
 # --------------------------------------------------------------------------- public API
 
 
-def log_likelihood(model: models.VAE, params, z: Array, x: Array) -> Array:
+def log_likelihood(model: models.VAE, params, z: Array, x: Array, *, condition=None) -> Array:
     """Decoder log-likelihood ``log p(x|z)`` per example, in nats.
 
     Bernoulli models read the decoder output as logits; Gaussian models as means with the
@@ -162,10 +168,11 @@ def log_likelihood(model: models.VAE, params, z: Array, x: Array) -> Array:
     """
     _check_model(model, "log_likelihood")
     _check_x(model, x, "log_likelihood")
-    return _bind(model, params)[1](z, x)
+    return _bind(model, params, condition)[1](z, x)
 
 
-def elbo(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int = 1) -> Array:
+def elbo(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int = 1,
+         condition=None) -> Array:
     """Evidence lower bound ``E_q[log p(x|z)] - KL(q(z|x) || N(0, I))`` per example, in nats.
 
     The reconstruction term is a Monte Carlo average over ``num_samples`` reparameterized draws
@@ -185,10 +192,11 @@ def elbo(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int = 
     _check_model(model, "elbo")
     _check_x(model, x, "elbo")
     num_samples = _check_count(num_samples, "num_samples", "elbo")
-    return _elbo(*_bind(model, params), x, rng, num_samples)
+    return _elbo(*_bind(model, params, condition), x, rng, num_samples)
 
 
-def log_weights(model: models.VAE, params, x: Array, rng: Array, num_samples: int) -> Array:
+def log_weights(model: models.VAE, params, x: Array, rng: Array, num_samples: int, *,
+                condition=None) -> Array:
     """Importance log-weights ``log p(x, z_k) - log q(z_k|x)`` with ``z_k ~ q(z|x)``.
 
     ``z_k = mean + exp(logvar / 2) * eps_k`` with ``eps_k`` drawn from ``fold_in(rng, k)``.
@@ -207,13 +215,13 @@ def log_weights(model: models.VAE, params, x: Array, rng: Array, num_samples: in
     _check_model(model, "log_weights")
     _check_x(model, x, "log_weights")
     num_samples = _check_count(num_samples, "num_samples", "log_weights")
-    encode_fn, log_lik_fn = _bind(model, params)
+    encode_fn, log_lik_fn = _bind(model, params, condition)
     return _log_weights_at(encode_fn(x), log_lik_fn, x, rng, jnp.arange(num_samples))
 
 
 def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
          chunk_size: Optional[int] = None,
-         posterior: Optional[tuple[Array, Array]] = None) -> Array:
+         posterior: Optional[tuple[Array, Array]] = None, condition=None) -> Array:
     """Importance-weighted bound ``log (1/k) sum_k p(x, z_k) / q(z_k|x)`` (Burda et al. 2016).
 
     A lower bound on ``log p(x)`` that rises toward it as ``k = num_samples`` grows; ``k = 1`` is
@@ -232,6 +240,7 @@ def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
       posterior: ``(mean, logvar)`` of ``q(z|x)``, each ``(B, Z)``, where a forward pass has
         computed them already (the ``iwae`` training term); by default the model's
         ``posterior(x)``.
+      condition: the labels ``(B,)`` of a conditional model.
 
     Returns:
       ``(B,)`` bounds, in nats.
@@ -241,14 +250,14 @@ def iwae(model: models.VAE, params, x: Array, rng: Array, *, num_samples: int,
     num_samples = _check_count(num_samples, "num_samples", "iwae")
     if chunk_size is not None:
         chunk_size = _check_count(chunk_size, "chunk_size", "iwae")
-    encode_fn, log_lik_fn = _bind(model, params)
+    encode_fn, log_lik_fn = _bind(model, params, condition)
     if posterior is None:
         posterior = encode_fn(x)  # once: the encoder does not depend on the sample
     return _iwae(posterior, log_lik_fn, x, rng, num_samples, chunk_size)
 
 
 def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool = True,
-                 latent_size: Optional[int] = None) -> Array:
+                 latent_size: Optional[int] = None, condition=None) -> Array:
     """Decoded samples of the generative model with ``z ~ N(0, I)``.
 
     Args:
@@ -260,6 +269,7 @@ def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool 
         Gaussian means) instead of a draw from ``p(x|z)`` (binary pixels, or means plus
         ``exp(log_scale)`` times Gaussian noise).
       latent_size: dimension of ``z``; by default the model's ``latent_size``.
+      condition: for a conditional model, the ``(num,)`` labels to generate.
 
     Returns:
       ``(num, *input_shape)`` images.
@@ -273,7 +283,7 @@ def sample_prior(model: models.VAE, params, rng: Array, num: int, *, mean: bool 
     dtype = jnp.result_type(*jax.tree.leaves(params))
     z = jax.random.normal(z_rng, (num, latent_size), dtype)
     variables = {"params": params}
-    out = model.apply(variables, z, method="decode")
+    out = models.decoder(model, params, condition)(z)
     if _likelihood(model) == "bernoulli":
         probs = jax.nn.sigmoid(out)
         return probs if mean else jax.random.bernoulli(x_rng, probs).astype(out.dtype)
@@ -298,14 +308,15 @@ def eval_chunk_size(num_samples: int, batch_size: int) -> int:
 # Module-level so repeated evaluations (every epoch, several checkpoints) reuse one compilation
 # per (model, batch shape, num_samples, chunk_size).
 @functools.partial(jax.jit, static_argnames=("model", "num_samples", "chunk_size"))
-def _batch_iwae(params, x: Array, rng: Array, index: Array, *, model: models.VAE,
+def _batch_iwae(params, x: Array, rng: Array, index: Array, condition, *, model: models.VAE,
                 num_samples: int, chunk_size: Optional[int]) -> Array:
     return iwae(model, params, x, jax.random.fold_in(rng, index), num_samples=num_samples,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, condition=condition)
 
 
 def nll_per_example(model: models.VAE, params, x, rng: Array, *, num_samples: int = 5000,
-                    batch_size: int = 100, chunk_size: Optional[int] = None) -> np.ndarray:
+                    batch_size: int = 100, chunk_size: Optional[int] = None,
+                    condition=None) -> np.ndarray:
     """``-iwae_k(x_i)`` for every example: the per-image test NLL estimates, in nats, ``(N,)``.
 
     Their mean is :func:`evaluate_nll`; their standard deviation over ``sqrt(N)`` is its
@@ -319,8 +330,11 @@ def nll_per_example(model: models.VAE, params, x, rng: Array, *, num_samples: in
     chunk_size = (eval_chunk_size(num_samples, min(batch_size, n)) if chunk_size is None
                   else _check_count(chunk_size, "chunk_size", "evaluate_nll"))
     xs, masks = batching.pad_batches(np.asarray(x), min(batch_size, n))
-    bounds = [_batch_iwae(params, batch, rng, np.int32(i), model=model, num_samples=num_samples,
-                          chunk_size=chunk_size) for i, batch in enumerate(xs)]
+    ys = (len(xs) * [None] if condition is None
+          else batching.pad_batches(np.asarray(condition), min(batch_size, n))[0])
+    bounds = [_batch_iwae(params, batch, rng, np.int32(i), y, model=model,
+                          num_samples=num_samples, chunk_size=chunk_size)
+              for i, (batch, y) in enumerate(zip(xs, ys))]
     # Padded rows are dropped here, on the host: a non-finite bound of a pad row never counts.
     bounds = np.concatenate([np.asarray(b, np.float64)[np.asarray(m) > 0]
                              for b, m in zip(jax.device_get(bounds), masks)])
@@ -328,7 +342,8 @@ def nll_per_example(model: models.VAE, params, x, rng: Array, *, num_samples: in
 
 
 def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int = 5000,
-                 batch_size: int = 100, chunk_size: Optional[int] = None) -> float:
+                 batch_size: int = 100, chunk_size: Optional[int] = None,
+                 condition=None) -> float:
     """Test negative log-likelihood ``-mean_i iwae_k(x_i)`` over a dataset, in nats.
 
     The IWAE bound with large ``k`` (Burda et al. use 5000) is the standard estimate of a VAE's
@@ -346,9 +361,12 @@ def evaluate_nll(model: models.VAE, params, x, rng: Array, *, num_samples: int =
       batch_size: examples per jitted call (capped at N).
       chunk_size: importance samples per chunk; memory grows as ``batch_size * chunk_size * D``.
         ``None``: :func:`eval_chunk_size`.
+      condition: the labels ``(N,)`` of a conditional model (then the estimate is of
+        ``-log p(x|y)``).
 
     Returns:
       The mean NLL estimate per example, in nats.
     """
     return float(np.mean(nll_per_example(model, params, x, rng, num_samples=num_samples,
-                                         batch_size=batch_size, chunk_size=chunk_size)))
+                                         batch_size=batch_size, chunk_size=chunk_size,
+                                         condition=condition)))

@@ -1,7 +1,7 @@
 """Benchmarks, printed as JSON lines: ``python -m experiments.bench [--quick] [--parallel-only]
-[--deep-contractive-only] [--iwae-only] [--conv-only]`` (the last: the contractive estimators of ``aejax.jacobians`` and the
-exact modes on the deep 784-1000-500-250-30 encoder, as ratios to its plain step; not in the
-default run).
+[--contractive-only] [--iwae-only] [--conv-only]`` (``--contractive-only``: the contractive
+estimators of ``aejax.jacobians`` and the exact modes on the deep 784-1000-500-250-30 and the
+conv encoder, as ratios to each one's plain step; not in the default run).
 
 Everything is measured side by side in one run, so ratios hold on a shared, noisy machine:
 a float32 matmul roofline; the train loop's step for the 784-128-32-128-784 autoencoder
@@ -481,7 +481,7 @@ def iwae_eval_runner(x_all, *, num_samples: int, images: int = 100):
     chunk = vae.eval_chunk_size(num_samples, images)
     chunks = -(-num_samples // chunk)
     rng = jax.random.PRNGKey(1)
-    run = lambda: vae._batch_iwae(params, x, rng, np.int32(0), model=model,
+    run = lambda: vae._batch_iwae(params, x, rng, np.int32(0), None, model=model,
                                   num_samples=num_samples, chunk_size=chunk)
     jax.block_until_ready(run())  # compile
 
@@ -513,38 +513,47 @@ def iwae_evaluation(x_all, matmul, matmul_flops, *, num_samples: int, rounds: in
 # --------------------------------------------------------------------------- the run
 
 
-def deep_contractive_steps(x_all, *, rounds: int, num_probes: int = 3) -> list[dict]:
-    """The contractive penalty (weight 0.1) on the deep encoder 784-1000-500-250-30 (ReLU, linear
-    code): each of :data:`aejax.jacobians.ESTIMATORS` at ``num_probes`` Jacobian products per
-    example, and the exact ``dense`` and ``rev`` modes, as ratios to the same autoencoder's plain
-    step, timed in turns with it."""
-    deep = models.MLPAutoencoder(hidden=(1000, 500, 250), code_size=30, activation="relu")
-    steps = 2
-    runners = {"plain": step_runner(deep, {}, x_all, steps_per_call=steps).timed(1)}
+def contractive_steps(model, encoder: str, x_all, *, rounds: int, exact: tuple[str, ...],
+                      num_probes: int = 3, steps: int = 2) -> list[dict]:
+    """The contractive penalty (weight 0.1) on ``model``'s encoder: each of
+    :data:`aejax.jacobians.ESTIMATORS` at ``num_probes`` Jacobian products per example, and the
+    exact modes ``exact``, as ratios to the same autoencoder's plain step, timed in turns with it."""
+    runners = {"plain": step_runner(model, {}, x_all, steps_per_call=steps).timed(1)}
     for estimator in jacobians.ESTIMATORS:
         term = lambda f, e=estimator: jacobians.contractive_estimate(
             f.encode, f.x_in, f.rng, estimator=e, num_probes=num_probes)
         objective = objectives.combine({"reconstruction": (1.0, objectives.reconstruction("bce")),
                                         "contractive": (0.1, term)})
-        runners[estimator] = step_runner(deep, {}, x_all, steps_per_call=steps,
+        runners[estimator] = step_runner(model, {}, x_all, steps_per_call=steps,
                                          objective=objective).timed(1)
-    for mode in ("dense", "rev"):
-        runners[mode] = step_runner(deep, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
+    for mode in exact:
+        runners[mode] = step_runner(model, {"contractive": {"weight": 0.1, "mode": mode}}, x_all,
                                     steps_per_call=steps).timed(1)
     method = {"gaussian": "Hutchinson, Gaussian probes", "rademacher": "Hutchinson, Rademacher "
               "probes", "hutch++": "Hutch++", "dense": "exact, Gram matrix of the first layer",
               "rev": "exact, one batched VJP per code unit"}
     times = interleaved(runners, rounds=rounds)
     records = []
-    for name in method:
-        record = dict(name="contractive_step", mode=name, method=method[name],
-                      encoder="784-1000-500-250-30 relu", batch=BATCH,
-                      steps_per_s=round(1 / times.best(name), 2),
+    for name in (*jacobians.ESTIMATORS, *exact):
+        record = dict(name="contractive_step", mode=name, method=method[name], encoder=encoder,
+                      batch=BATCH, steps_per_s=round(1 / times.best(name), 2),
                       ratio_to_plain=round(times.ratio(name, "plain"), 2))
         if name in jacobians.ESTIMATORS:
             record["num_probes"] = num_probes
         records.append(record)
     return records
+
+
+def encoder_contractive_steps(x_all, *, rounds: int) -> list[dict]:
+    """:func:`contractive_steps` on the deep encoder 784-1000-500-250-30 (ReLU, linear code;
+    exact ``dense`` and ``rev``) and on the conv encoder of configs/conv.py (exact ``rev``: 128
+    code units; ``dense`` needs dense layers)."""
+    deep = models.MLPAutoencoder(hidden=(1000, 500, 250), code_size=30, activation="relu")
+    records = contractive_steps(deep, "784-1000-500-250-30 relu", x_all, rounds=rounds,
+                                exact=("dense", "rev"))
+    x_img = x_all[:BATCH * 4].reshape(-1, 28, 28, 1)
+    return records + contractive_steps(models.ConvAutoencoder(), "conv 16-8-8 (configs/conv.py)",
+                                       x_img, rounds=rounds, exact=("rev",), steps=1)
 
 
 def main() -> None:
@@ -553,8 +562,9 @@ def main() -> None:
     parser.add_argument("--skip-epoch", action="store_true", help="skip the full-epoch timing (no data)")
     parser.add_argument("--parallel-only", action="store_true",
                         help="only the data-parallel steps against the single-device step")
-    parser.add_argument("--deep-contractive-only", action="store_true",
-                        help="only the contractive estimators and exact modes on the deep encoder")
+    parser.add_argument("--contractive-only", action="store_true",
+                        help="only the contractive estimators and exact modes on the deep and the "
+                             "conv encoder")
     parser.add_argument("--conv-only", action="store_true",
                         help="only the plain and the convolutional step (and their references)")
     parser.add_argument("--iwae-only", action="store_true",
@@ -567,8 +577,8 @@ def main() -> None:
         for record in parallel_steps(ae, x_all, repeats=2 * repeats):
             emit(**record)
         return
-    if args.deep_contractive_only:
-        for record in deep_contractive_steps(x_all, rounds=repeats):
+    if args.contractive_only:
+        for record in encoder_contractive_steps(x_all, rounds=repeats):
             emit(**record)
         return
     if args.iwae_only:

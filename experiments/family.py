@@ -19,8 +19,8 @@ import os
 import time
 
 FAMILY = ("vanilla", "multilayer", "conv", "denoising", "sparse_l1", "sparse_kl", "contractive",
-          "tied", "stacked", "vae", "beta_vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
-GENERATIVE = ("vae", "beta_vae", "beta_tcvae", "wae", "rae", "vqvae", "iwae")
+          "tied", "stacked", "vae", "beta_vae", "beta_tcvae", "cvae", "wae", "rae", "vqvae", "iwae")
+GENERATIVE = ("vae", "beta_vae", "beta_tcvae", "cvae", "wae", "rae", "vqvae", "iwae")
 HEADER = "| config | epochs | test SE/image | PCA SE/image | mean code activation | terms | seconds |"
 QUALITY_HEADER = ("| config | generated images | Frechet distance | precision | recall |")
 
@@ -110,7 +110,9 @@ def main() -> None:
              "VAE-family configs train on dynamically binarized images, so their errors are "
              "against binary targets, and their PCA is fitted and scored on binarized images too; "
              "`seconds` is the wall time of the command's work on that row on a shared machine "
-             "(for a run that had finished before, its re-evaluation's).", "",
+             "(for a run that had finished before, its re-evaluation's). The conditional VAE "
+             "(cvae) is given each image's label, so its ELBO and IWAE NLL bound log p(x|y), not "
+             "log p(x), and its samples are of every class in turn.", "",
              HEADER, "|---|---|---|---|---|---|---|"]
     old = kept_rows(args.table, HEADER, set(results))
     new = {n: row(n, s) for n, s in results.items()}

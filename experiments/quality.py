@@ -139,7 +139,8 @@ def floor(params, x_test: np.ndarray) -> dict:
 
 
 def prior_sampler(workdir: str) -> Callable[[jax.Array, int], np.ndarray]:
-    """``sample(rng, num)``: decoded means of ``z ~ N(0, I)`` of the model trained in ``workdir``."""
+    """``sample(rng, num)``: decoded means of ``z ~ N(0, I)`` of the model trained in ``workdir``
+    (a conditional model's of the classes ``0, 1, ...`` in turn)."""
     from aejax import models, vae
     from aejax.runtime import trainer
 
@@ -147,14 +148,17 @@ def prior_sampler(workdir: str) -> Callable[[jax.Array, int], np.ndarray]:
         model_config = json.load(f)["model"]
     model = models.from_config(model_config)
     params = trainer.load_best_params(workdir)
-    return lambda rng, num: np.asarray(vae.sample_prior(model, params, rng, num))
+    return lambda rng, num: np.asarray(vae.sample_prior(
+        model, params, rng, num, condition=trainer.class_labels(model, num)))
 
 
 def generator(config, workdir: str, splits, *, components: int = 10, seed: int = 0):
     """``(sample, description)`` for the generative model trained in ``workdir`` by ``config``,
     where ``sample(rng, num)`` gives decoded means; ``(None, why)`` for a model without a prior.
 
-    A stochastic encoder (the VAE family): ``z ~ N(0, I)``. A deterministic one trained to match
+    A stochastic encoder (the VAE family): ``z ~ N(0, I)``; a conditional one decodes them with
+    the classes ``0, 1, ...`` in turn (as many of each as the test set holds, 1,000 in
+    Fashion-MNIST's). A deterministic one trained to match
     ``N(0, I)`` (the ``mmd`` term, WAE): the same. Any other deterministic encoder (RAE): the
     ex-post density of Ghosh et al., a Gaussian mixture of ``components`` full-covariance
     components fitted to the training codes. A vector-quantized code (VQ-VAE) has no prior here.
@@ -165,8 +169,10 @@ def generator(config, workdir: str, splits, *, components: int = 10, seed: int =
     model = models.from_config(config.model)
     params = trainer.load_best_params(workdir)
     if callable(getattr(model, "posterior", None)):
-        return (lambda rng, num: np.asarray(vae.sample_prior(model, params, rng, num)),
-                "decoded means of z ~ N(0, I)")
+        sample = lambda rng, num: np.asarray(vae.sample_prior(
+            model, params, rng, num, condition=trainer.class_labels(model, num)))
+        return sample, "decoded means of z ~ N(0, I)" + (
+            ", every class in turn" if models.conditional(model) else "")
     if callable(getattr(model, "quantized", None)):
         return None, "no prior over the codebook indices is fitted"
     decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))

@@ -15,7 +15,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
 
 def python_blocks():
     blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
-    assert len(blocks) >= 2, "the README lost its python examples"
+    assert len(blocks) >= 3, "the README lost its python examples"
     return blocks
 
 
@@ -46,3 +46,16 @@ def test_readme_user_model_follows_the_protocol():
         assert set(activations) == {"hidden_0", "code"}
     finally:
         models.MODELS.pop("mine", None)
+
+
+def test_readme_generative_composition_runs_and_its_loss_is_the_weighted_sum():
+    namespace = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_blocks()[2], "README.md", "exec"), namespace)
+    m = {k: float(v) for k, v in namespace["metrics"].items()}
+    for term in ("reconstruction", "kl", "total_correlation", "mmd", "contractive", "elbo"):
+        assert f"'{term}'" in out.getvalue()
+    np.testing.assert_allclose(m["loss"], m["reconstruction"] + m["kl"] + 5.0 * m["total_correlation"]
+                               + 10.0 * m["mmd"] + 0.01 * m["contractive"], rtol=1e-5)
+    assert int(namespace["state"].step) == 1 and m["contractive"] > 0 and m["mmd"] != 0

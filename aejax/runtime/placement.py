@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from aejax import step as step_lib
 from aejax.data import batching
 from aejax.runtime import distributed
 
@@ -128,13 +129,18 @@ class Placement:
         return {k: jax.make_array_from_process_local_data(
             self.split, np.asarray(v), (global_size,) + np.shape(v)[1:]) for k, v in local.items()}
 
-    def eval_batches(self, x: np.ndarray, batch_size: int) -> tuple[Array, Array]:
+    def eval_batches(self, x, batch_size: int) -> tuple[Any, Array]:
         """``(xs (N, B, ...), masks (N, B))`` of a whole split, placed for ``make_evaluate``.
 
-        Each process reads only its even part of the split (as ``tfds.split_for_jax_process``)
-        into its columns of every batch; the masked sums of ``make_evaluate`` then reduce over
-        all devices, so every example counts once.
+        ``x`` is the split's images, or a dict of its arrays (``x``, and ``y`` for a conditional
+        model): then ``xs`` is the same dict, batched. Each process reads only its even part of
+        the split (as ``tfds.split_for_jax_process``) into its columns of every batch; the
+        masked sums of ``make_evaluate`` then reduce over all devices, so every example counts
+        once.
         """
+        if isinstance(x, Mapping):
+            parts = {k: self.eval_batches(v, batch_size) for k, v in x.items()}
+            return {k: xs for k, (xs, _) in parts.items()}, next(iter(parts.values()))[1]
         if batch_size % self.num_devices:
             raise ValueError(f"An evaluation batch of {batch_size} does not split over "
                              f"{self.num_devices} devices.")
@@ -166,7 +172,8 @@ class Placement:
         """``run(state, acc, x_all, perm, num_steps, rng) -> (state, acc)``: up to ``num_steps`` steps.
 
         The device-resident fast path. Each step gathers batch ``state.step % steps_per_epoch``
-        of the epoch's order ``perm`` from the placed training set, takes one step and adds its
+        of the epoch's order ``perm`` from the placed training set ``x_all`` (the images, or a
+        dict of the split's arrays, e.g. ``x`` and ``y``), takes one step and adds its
         metrics to ``acc``. A ``while_loop`` with a traced trip count runs the steps, so one
         compiled program serves any ``num_steps`` (the loop runs up to its next log, checkpoint
         or epoch end in one call): one dispatch, and no host round trip, per call. It stops
@@ -192,8 +199,9 @@ class Placement:
                 start = start + jax.lax.axis_index(DATA_AXIS) * num_rows
             # each device gathers only the rows of its shard
             rows = constrain(jax.lax.dynamic_slice(perm, (start,), (num_rows,)))
-            x = constrain(batching.gather_rows(x_all, rows))
-            state, metrics = step_fn(state, {"x": x}, rng)
+            batch = {k: constrain(batching.gather_rows(v, rows))
+                     for k, v in step_lib.as_batch(x_all).items()}
+            state, metrics = step_fn(state, batch, rng)
             return state, jax.tree.map(jnp.add, acc, metrics)
 
         def run(state, acc, x_all, perm, num_steps, rng):

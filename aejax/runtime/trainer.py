@@ -92,7 +92,8 @@ def build_experiment(config: ml_collections.ConfigDict,
     per_example = make_per_example_fn(model, objective, corrupt=corrupt,
                                       binarize=config.data.binarize,
                                       compute_dtype=config.compute_dtype)
-    names = sorted(set(metric_names(per_example, params, stand_in)) - {"grad_norm"})
+    stand_in_batch = examples(model, stand_in, models.stand_in_condition(model, stand_in))
+    names = sorted(set(metric_names(per_example, params, stand_in_batch)) - {"grad_norm"})
     if config.monitor not in names:
         raise ConfigError(f"monitor {config.monitor!r} is not a validation metric of this run; "
                           f"choose one of {names}.")
@@ -119,6 +120,18 @@ def build_experiment(config: ml_collections.ConfigDict,
     tx = build_optimizer(config.optimizer, total, spe)
     return Experiment(config, splits, model, objective, per_example, tx, spe, total, mode,
                       num_devices)
+
+
+def examples(model, x, y) -> dict:
+    """A split (or batch) as the step takes it: ``{"x": x}``, with ``"y": y`` for a conditional
+    model (:func:`aejax.models.conditional`)."""
+    return {"x": x, "y": y} if models.conditional(model) else {"x": x}
+
+
+def split_examples(exp: Experiment, split: str, num: Optional[int] = None) -> dict:
+    """:func:`examples` of the ``split`` ("train", "validation", "test"), its first ``num`` rows."""
+    x, y = getattr(exp.splits, split)
+    return examples(exp.model, x[:num], y[:num])
 
 
 # --------------------------------------------------------------------------- the run state
@@ -288,6 +301,7 @@ class Trainer:
         x_train = exp.splits.train[0]
         x_first = jnp.asarray(x_train[:cfg.batch_size])
         params = models.init(exp.model, init_rng, x_first)
+        first_batch = jax.tree.map(jnp.asarray, split_examples(exp, "train", cfg.batch_size))
         if init_params is not None:
             if jax.tree.structure(init_params) != jax.tree.structure(params):
                 raise ValueError("init_params do not have the structure of the model's parameters.")
@@ -302,13 +316,14 @@ class Trainer:
         self.last_good: Optional[int] = None
         # The step's metric names, for the accumulators.
         self.template = {k: jax.ShapeDtypeStruct((), jnp.float32)
-                         for k in metric_names(exp.per_example, params, x_first)}
-        self.on_device = cfg.data.on_device and batching.fits_on_device(x_train.nbytes)
+                         for k in metric_names(exp.per_example, params, first_batch)}
+        self.on_device = cfg.data.on_device and batching.fits_on_device(
+            sum(a.nbytes for a in split_examples(exp, "train").values()))
         step_fn = make_train_step(exp.per_example, exp.tx,
                                   axis_name="data" if self.place.per_device else None)
         if self.on_device:
             self.run_steps = self.place.fused_step(step_fn, cfg.batch_size, exp.steps_per_epoch)
-            self.x_train = self.place.replicate(x_train)
+            self.x_train = self.place.replicate(split_examples(exp, "train"))
         else:
             self.run_steps = self.place.stream_step(step_fn)
         self.evaluate = jax.jit(make_evaluate(exp.per_example))
@@ -325,9 +340,10 @@ class Trainer:
         """``audit(step) -> {name: float}``: the estimator audit of the current parameters on a
         fixed set of validation images, with noise drawn from the step (a resumed run repeats it)."""
         a, model = self.cfg.contractive_audit, self.exp.model
-        x = jnp.asarray(self.exp.splits.validation[0][:a.examples])
+        data = split_examples(self.exp, "validation", a.examples)
+        x, y = jnp.asarray(data["x"]), data.get("y")
         run = jax.jit(functools.partial(
-            jacobians.contractive_audit, lambda params, v: models.encoder(model, params)(v),
+            jacobians.contractive_audit, lambda params, v: models.encoder(model, params, y)(v),
             estimator=a.estimator, num_probes=a.num_probes))
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 0xA0D17)
 
@@ -430,10 +446,11 @@ class Trainer:
 
     def _host_batches(self, perm: np.ndarray, first: int):
         """Batches ``first..`` of an epoch in order ``perm``: this process's rows, placed."""
-        x, bs = self.exp.splits.train[0], self.cfg.batch_size
+        data, bs = split_examples(self.exp, "train"), self.cfg.batch_size
         rows = distributed.process_rows(bs)
         for index in range(first, self.exp.steps_per_epoch):
-            yield self.place.batch(bs, {"x": x[perm[index * bs:(index + 1) * bs][rows]]})
+            take = perm[index * bs:(index + 1) * bs][rows]
+            yield self.place.batch(bs, {k: v[take] for k, v in data.items()})
 
     def train_epoch(self, progress_bar) -> dict:
         """Trains the rest of the current epoch; logs and checkpoints on the way.
@@ -523,13 +540,15 @@ class Trainer:
 
     def images(self) -> dict:
         """:func:`epoch_images` of the current parameters on the first validation images."""
-        x = jnp.asarray(self.exp.splits.validation[0][:self.cfg.num_figure_images])
+        data = split_examples(self.exp, "validation", self.cfg.num_figure_images)
+        x = jnp.asarray(data["x"])
         params = self.place.fetch(self.state.params)
         if self._latent_size is None:  # once: 0 for a deterministic model
             description = models.describe(self.exp.model, params, x[:1])
             self._latent_size = description.code_size if description.stochastic else 0
         return epoch_images(self.exp.model, self.exp.objective.reconstruction, params, x,
-                            latent_size=self._latent_size, seed=self.cfg.seed)
+                            latent_size=self._latent_size, seed=self.cfg.seed,
+                            condition=data.get("y"))
 
     def fit(self) -> None:
         """The loop: epochs of training and validation until the run is finished.
@@ -542,7 +561,7 @@ class Trainer:
 
         bar = tqdm(total=exp.total_steps, initial=self.step, mininterval=1.0, unit="step",
                    dynamic_ncols=True, disable=not (cfg.progress and self.primary))
-        self._val = self.place.eval_batches(exp.splits.validation[0], self.eval_bs)
+        self._val = self.place.eval_batches(split_examples(exp, "validation"), self.eval_bs)
         self._t = time.time()
         if not self.progress.run_id:
             self.progress = dataclasses.replace(self.progress, run_id=secrets.token_hex(4))
@@ -578,7 +597,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Test metrics of the best parameters, baselines and figures: the run's summary."""
-        xs, masks = self.place.eval_batches(self.exp.splits.test[0], self.eval_bs)
+        xs, masks = self.place.eval_batches(split_examples(self.exp, "test"), self.eval_bs)
         out = self.evaluate(self.best_params, xs, masks, self.eval_rng, self.state.step)
         test = {k: float(v) for k, v in self.place.fetch(out).items()}
         return write_summary(self.exp, self.workdir, self.place.fetch(self.best_params),
@@ -677,21 +696,30 @@ def load_best_params(workdir: str) -> Any:
     return state["best_params"]
 
 
-def reconstruct_images(model, params, x: Array, reconstruction: objectives.Reconstruction
-                       ) -> np.ndarray:
-    """Deterministic reconstructions of ``x`` (a stochastic model decodes its posterior mean)."""
-    return np.asarray(_compiled(_reconstruct, model)(params, x, model=model,
+def reconstruct_images(model, params, x: Array, reconstruction: objectives.Reconstruction,
+                       condition: Optional[Array] = None) -> np.ndarray:
+    """Deterministic reconstructions of ``x`` (a stochastic model decodes its posterior mean;
+    a conditional one is given the labels ``condition``)."""
+    return np.asarray(_compiled(_reconstruct, model)(params, x, condition, model=model,
                                                      reconstruction=reconstruction))
 
 
-def _reconstruct(params, x, *, model, reconstruction):
-    return reconstruction.images(models.reconstruct_logits(model, params, x))
+def _reconstruct(params, x, condition, *, model, reconstruction):
+    return reconstruction.images(models.reconstruct_logits(model, params, x, condition))
 
 
-def _prior_samples(params, rng, *, model, num, latent_size):
+def _prior_samples(params, rng, condition, *, model, num, latent_size):
     from aejax import vae
 
-    return vae.sample_prior(model, params, rng, num, latent_size=latent_size)
+    return vae.sample_prior(model, params, rng, num, latent_size=latent_size, condition=condition)
+
+
+def class_labels(model, num: int) -> Optional[np.ndarray]:
+    """Labels ``0, 1, ..., C-1, 0, 1, ...`` (``num`` of them) to draw a conditional model's
+    samples of every class; None for an unconditional model."""
+    if not models.conditional(model):
+        return None
+    return np.arange(num, dtype=np.int32) % int(getattr(model, "num_classes", 10))
 
 
 _COMPILED = {f: jax.jit(f, static_argnames=static) for f, static in (
@@ -709,19 +737,21 @@ def _compiled(fn, model):
 
 
 def epoch_images(model, reconstruction: objectives.Reconstruction, params, x: Array, *,
-                 latent_size: int = 0, seed: int = 0) -> dict:
+                 latent_size: int = 0, seed: int = 0, condition: Optional[Array] = None) -> dict:
     """Pictures of a model's progress, for the writers: ``x`` over its reconstructions and,
     with ``latent_size`` (a stochastic model), two rows of decoded samples of the same prior
-    draws each time (``PRNGKey(seed)``).
+    draws each time (``PRNGKey(seed)``; a conditional model's are of the classes ``0, 1, ...``
+    in turn, and its reconstructions are given the labels ``condition``).
 
     Returns:
       ``{tag: (H, W) uint8 picture}``; empty when the examples are not images.
     """
     pictures = {"images/reconstructions": writers.image_grid(
-        [x, reconstruct_images(model, params, x, reconstruction)])}
+        [x, reconstruct_images(model, params, x, reconstruction, condition)])}
     if latent_size:
         drawn = np.asarray(_compiled(_prior_samples, model)(
-            params, jax.random.PRNGKey(seed), model=model, num=2 * len(x), latent_size=latent_size))
+            params, jax.random.PRNGKey(seed), class_labels(model, 2 * len(x)), model=model,
+            num=2 * len(x), latent_size=latent_size))
         pictures["images/prior_samples"] = writers.image_grid([drawn[:len(x)], drawn[len(x):]])
     return {k: v for k, v in pictures.items() if v is not None}
 
@@ -736,7 +766,8 @@ def write_summary(exp: Experiment, workdir: str, params, progress: Progress, tes
     Only the ``primary`` process (0) computes the baselines, draws and writes anything.
     """
     cfg = exp.config
-    (x_train, _), _, (x_test, _) = exp.splits
+    (x_train, _), _, (x_test, y_test) = exp.splits
+    y_given = y_test if models.conditional(exp.model) else None  # a conditional model's labels
     summary = {
         "dataset": cfg.data.name,
         "model": cfg.model.to_dict(),
@@ -775,30 +806,44 @@ def write_summary(exp: Experiment, workdir: str, params, progress: Progress, tes
             x_eval = np.asarray(batching.binarize(jax.random.PRNGKey(cfg.seed + 1),
                                                   jnp.asarray(x_test)))
         nll = vae.evaluate_nll(exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 2),
-                               num_samples=cfg.iwae_samples, batch_size=100)
+                               num_samples=cfg.iwae_samples, batch_size=100, condition=y_given)
         summary["test"]["iwae_nll"] = nll
         summary["test"]["iwae_samples"] = cfg.iwae_samples
         # The k = 1 bound (a Monte Carlo -ELBO) on the same binarized images: "elbo" above is
         # averaged over fresh binarizations, so only this one compares with iwae_nll exactly.
         summary["test"]["iwae_nll_k1"] = vae.evaluate_nll(
             exp.model, params, x_eval, jax.random.PRNGKey(cfg.seed + 3), num_samples=1,
-            batch_size=100, chunk_size=1)
+            batch_size=100, chunk_size=1, condition=y_given)
     if cfg.figures:
         n = cfg.num_figure_images
         from aejax import figures  # matplotlib only when figures are asked for
 
         recon = reconstruct_images(exp.model, params, jnp.asarray(x_test[:n]),
-                                   exp.objective.reconstruction)
+                                   exp.objective.reconstruction,
+                                   None if y_given is None else y_given[:n])
         paths = figures.save_run_figures(workdir, x_test[:n], recon, list(progress.history),
                                          pca_recon)
         if description.stochastic:
             from aejax import vae
 
-            samples = np.asarray(vae.sample_prior(exp.model, params, jax.random.PRNGKey(cfg.seed),
-                                                  2 * n, latent_size=description.code_size))
-            paths.append(figures.image_rows([samples[:n], samples[n:]], ["prior", "samples"],
-                                            os.path.join(workdir, "prior_samples.png"),
-                                            title="decoded samples from the prior N(0, I)"))
+            if description.conditional:
+                classes = int(getattr(exp.model, "num_classes", 10))
+                labels = np.repeat(np.arange(classes, dtype=np.int32), n)
+                samples = np.asarray(vae.sample_prior(
+                    exp.model, params, jax.random.PRNGKey(cfg.seed), classes * n,
+                    latent_size=description.code_size, condition=labels))
+                paths.append(figures.image_rows(
+                    list(samples.reshape(classes, n, *samples.shape[1:])),
+                    [f"class {c}" for c in range(classes)],
+                    os.path.join(workdir, "class_samples.png"),
+                    title="decoded samples of z ~ N(0, I), one row per class"))
+            else:
+                samples = np.asarray(vae.sample_prior(
+                    exp.model, params, jax.random.PRNGKey(cfg.seed), 2 * n,
+                    latent_size=description.code_size))
+                paths.append(figures.image_rows([samples[:n], samples[n:]], ["prior", "samples"],
+                                                os.path.join(workdir, "prior_samples.png"),
+                                                title="decoded samples from the prior N(0, I)"))
         summary["figures"] = [os.path.basename(p) for p in paths]
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
