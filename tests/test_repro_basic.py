@@ -169,3 +169,25 @@ def test_baselines_bicubic_exact_on_smooth_images_and_nearest_matches_corruption
     np.testing.assert_allclose(
         table["bicubic"]["psnr_db"],
         np.mean(10 * np.log10(1.0 / np.square(up["bicubic"] - x).mean(1))), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- greedy stacking
+
+
+def test_stacking_control_gets_every_pretraining_epoch_and_the_record_validates():
+    from experiments import repro_stacking, results
+
+    stacked, scratch = repro_stacking.configs("relu", 4)
+    stages = len(stacked.model.hidden) + 1
+    assert scratch.num_epochs == stacked.num_epochs + stages * stacked.stacking.pretrain_epochs
+    assert scratch.stacking.pretrain_epochs == 0 and scratch.seed == stacked.seed == 4
+    assert scratch.model.to_dict() == stacked.model.to_dict() and scratch.model.activation == "relu"
+    runs = [dict(activation=a, seed=s, stacked=10.0 + s / 10, scratch=12.0 + s / 10 + (a == "relu"),
+                 scratch_epochs_run=19, seconds=1.0)
+            for a in repro_stacking.ACTIVATIONS for s in (0, 1, 2)]
+    out = {"pretrain_epochs": 3, "finetune_epochs": 10, "scratch_epochs": 19, "runs": runs}
+    record = results.validate(repro_stacking.make_record(out), "stacking.json")
+    assert record["arms"]["pretrained stack, sigmoid"]["values"] == [10.0, 10.1, 10.2]
+    assert [v.outcome for v in results.verdicts(record)] == ["holds", "holds"]
+    text = repro_stacking.section(out, record)
+    assert text.count("| relu |") == 3 and "| +0.00 |" not in text and text.count("**holds (p") == 2

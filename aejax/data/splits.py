@@ -19,6 +19,12 @@ from aejax.data.offline import (DATASETS, DataError, _check_name, _import_tfds,
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
+# The datasets' label names, by label.
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                      "sneaker", "bag", "ankle boot"),
+}
 
 # Batch size used to read a whole split. Not `batch_size=-1`: under tfds.testing.mock_data that
 # aborts the process (std::length_error); a finite batch works on real and mock data alike.

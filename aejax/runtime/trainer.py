@@ -834,7 +834,8 @@ def write_summary(exp: Experiment, workdir: str, params, progress: Progress, tes
                     latent_size=description.code_size, condition=labels))
                 paths.append(figures.image_rows(
                     list(samples.reshape(classes, n, *samples.shape[1:])),
-                    [f"class {c}" for c in range(classes)],
+                    [f"{c}: {name}" for c, name in enumerate(
+                        splits_lib.CLASS_NAMES.get(cfg.data.name, range(classes))[:classes])],
                     os.path.join(workdir, "class_samples.png"),
                     title="decoded samples of z ~ N(0, I), one row per class"))
             else:
