@@ -152,6 +152,23 @@ def prior_sampler(workdir: str) -> Callable[[jax.Array, int], np.ndarray]:
         model, params, rng, num, condition=trainer.class_labels(model, num)))
 
 
+def code_marginal_sampler(codes: np.ndarray, num_latents: int, decode):
+    """``sample(rng, num)`` for a vector-quantized model: each of the ``num_latents`` positions
+    takes the codeword of a uniformly drawn training example at that position, independently of
+    the other positions (the product of the codes' per-position empirical marginals, the
+    simplest prior over a codebook), and ``decode`` maps the codes ``(num, num_latents *
+    code_dim)`` to images."""
+    n = len(codes)
+    per_position = codes.reshape(n, num_latents, -1)
+
+    def sample(rng, num):
+        rows = np.asarray(jax.random.randint(rng, (num, num_latents), 0, n))
+        z = per_position[rows, np.arange(num_latents)[None, :]]  # (num, L, D)
+        return np.asarray(decode(jnp.asarray(z.reshape(num, -1))))
+
+    return sample
+
+
 def generator(config, workdir: str, splits, *, components: int = 10, seed: int = 0):
     """``(sample, description)`` for the generative model trained in ``workdir`` by ``config``,
     where ``sample(rng, num)`` gives decoded means; ``(None, why)`` for a model without a prior.
@@ -161,7 +178,8 @@ def generator(config, workdir: str, splits, *, components: int = 10, seed: int =
     Fashion-MNIST's). A deterministic one trained to match
     ``N(0, I)`` (the ``mmd`` term, WAE): the same. Any other deterministic encoder (RAE): the
     ex-post density of Ghosh et al., a Gaussian mixture of ``components`` full-covariance
-    components fitted to the training codes. A vector-quantized code (VQ-VAE) has no prior here.
+    components fitted to the training codes. A vector-quantized code (VQ-VAE):
+    :func:`code_marginal_sampler` on the training codes.
     """
     from aejax import models, vae
     from aejax.runtime import trainer
@@ -174,7 +192,12 @@ def generator(config, workdir: str, splits, *, components: int = 10, seed: int =
         return sample, "decoded means of z ~ N(0, I)" + (
             ", every class in turn" if models.conditional(model) else "")
     if callable(getattr(model, "quantized", None)):
-        return None, "no prior over the codebook indices is fitted"
+        codes = np.asarray(models.encode_batched(model, params, splits.train[0]))
+        sample = code_marginal_sampler(codes, int(getattr(model, "num_latents")),
+                                       jax.jit(lambda z: jax.nn.sigmoid(
+                                           models.decoder(model, params)(z))))
+        return sample, ("codewords drawn per position from the training codes' marginals "
+                        "(independent positions), decoded")
     decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))
     size = int(getattr(model, "code_size"))
     if "mmd" in config.loss.terms:

@@ -46,3 +46,19 @@ def test_scores_of_real_images_and_of_one_collapsed_mode(cached):
     collapsed = quality.score(params, x, np.repeat(one_class, 10, axis=0)[:len(x)])
     assert collapsed["frechet_distance"] > 10 * floor["frechet_distance"]
     assert collapsed["recall"] < 0.3 < floor["recall"]
+
+
+def test_code_marginal_sampler_draws_each_position_from_its_own_marginal():
+    # 4 training examples, 2 positions of 2-dimensional codewords; every value is distinct.
+    codes = np.arange(16, dtype=np.float32).reshape(4, 2, 2).reshape(4, 4)
+    sample = quality.code_marginal_sampler(codes, 2, lambda z: z)
+    z = sample(jax.random.PRNGKey(0), 4000).reshape(4000, 2, 2)
+    per_position = codes.reshape(4, 2, 2)
+    for p in range(2):
+        rows = np.array([np.flatnonzero((per_position[:, p] == v).all(1))[0] for v in z[:, p]])
+        np.testing.assert_allclose(np.bincount(rows, minlength=4) / 4000, 0.25, atol=0.03)
+    # independent positions: pairs that no single training example holds appear
+    first = np.array([np.flatnonzero((per_position[:, 0] == v).all(1))[0] for v in z[:, 0]])
+    second = np.array([np.flatnonzero((per_position[:, 1] == v).all(1))[0] for v in z[:, 1]])
+    np.testing.assert_allclose(np.mean(first == second), 0.25, atol=0.03)
+    np.testing.assert_array_equal(sample(jax.random.PRNGKey(0), 10), sample(jax.random.PRNGKey(0), 10))
