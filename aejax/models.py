@@ -587,8 +587,9 @@ def conditional(model: nn.Module) -> bool:
     return bool(getattr(model, "conditional", False))
 
 
-def _args(model: nn.Module, first: Array, condition: Optional[Array], fn: str) -> tuple:
-    """``(first,)`` or, for a conditional model, ``(first, condition)``: a clear error without it."""
+def call_args(model: nn.Module, first: Array, condition: Optional[Array], fn: str) -> tuple:
+    """The arguments of a call of ``model`` (or one of its methods) on ``first``: ``(first,)``, or
+    for a conditional model ``(first, condition)``, with a clear error naming ``fn`` without it."""
     if not conditional(model):
         return (first,)
     if condition is None:
@@ -604,7 +605,7 @@ def stand_in_condition(model: nn.Module, example: Array) -> Optional[Array]:
 
 def init(model: nn.Module, rng: Array, example: Array) -> dict:
     """Initial ``params`` of ``model`` for inputs shaped like ``example`` (one batch)."""
-    args = _args(model, example, stand_in_condition(model, example), "init")
+    args = call_args(model, example, stand_in_condition(model, example), "init")
     return model.init({"params": rng, SAMPLE_RNG: jax.random.PRNGKey(0)}, *args)["params"]
 
 
@@ -615,7 +616,7 @@ def forward(model: nn.Module, params: Any, x: Array, rng: Array, condition: Opti
     ``rng`` feeds the :data:`SAMPLE_RNG` stream; ``condition`` holds the labels of a conditional
     model. ``activations`` always has ``"code"``.
     """
-    (logits, aux), state = model.apply({"params": params}, *_args(model, x, condition, "forward"),
+    (logits, aux), state = model.apply({"params": params}, *call_args(model, x, condition, "forward"),
                                        rngs={SAMPLE_RNG: rng}, mutable=["intermediates"])
     if not isinstance(aux, dict) or "code" not in aux:
         raise TypeError(f"{type(model).__name__} does not follow the aejax model protocol: its call "
@@ -629,14 +630,14 @@ def encoder(model: nn.Module, params: Any, condition: Optional[Array] = None
             ) -> Callable[[Array], Array]:
     """The deterministic encoder ``x -> code`` at ``params`` (given the labels ``condition`` of a
     conditional model: then ``x`` must hold the same examples, in the same order)."""
-    return lambda x: model.apply({"params": params}, *_args(model, x, condition, "encoder"),
+    return lambda x: model.apply({"params": params}, *call_args(model, x, condition, "encoder"),
                                  method="encode")
 
 
 def decoder(model: nn.Module, params: Any, condition: Optional[Array] = None
             ) -> Callable[[Array], Array]:
     """The decoder ``code -> logits`` at ``params`` (given the labels of a conditional model)."""
-    return lambda z: model.apply({"params": params}, *_args(model, z, condition, "decoder"),
+    return lambda z: model.apply({"params": params}, *call_args(model, z, condition, "decoder"),
                                  method="decode")
 
 
@@ -722,7 +723,7 @@ def encode_batched(model: nn.Module, params: Any, x, *, batch_size: int = 2000,
     """
     if batch_size <= 0:
         raise ValueError(f"encode_batched: batch_size must be positive, got {batch_size}.")
-    _args(model, x, condition, "encode_batched")
+    call_args(model, x, condition, "encode_batched")
     part = lambda i: None if condition is None else jnp.asarray(condition[i:i + batch_size])
     return jnp.concatenate([_encode_jit(params, jnp.asarray(x[i:i + batch_size]), part(i),
                                         model=model)

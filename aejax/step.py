@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aejax import corruptions, models, objectives
+from aejax import corruptions, objectives
 from aejax.data import batching
 
 Array = jax.Array
@@ -87,12 +87,8 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
                          "reconstruction term, objectives.reconstruction(kind): its images give "
                          "the reconstruction-error metrics.")
     low = compute_dtype != "float32"
-    fn_conditional = models.conditional(model)
 
     def fn(params, batch, rng, step):
-        if fn_conditional and "y" not in batch:
-            raise ValueError(f"{type(model).__name__} is a conditional model: its batches need the "
-                             "labels, batch['y'].")
         x = batch["x"]
         mask = batch.get("mask")
         r_bin, r_cor, r_fwd = jax.random.split(rng, 3)

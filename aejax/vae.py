@@ -66,16 +66,13 @@ def _likelihood(model) -> str:
 
 def _bind(model, params, condition=None) -> tuple[EncodeFn, LogLikFn]:
     variables = {"params": params}
-    if models.conditional(model) and condition is None:
-        raise ValueError(f"{type(model).__name__} is a conditional model: pass the examples' labels "
-                         "as condition=y.")
-    extra = () if condition is None else (condition,)
+    args = lambda first: models.call_args(model, first, condition, "aejax.vae")
 
     def encode_fn(x: Array) -> tuple[Array, Array]:
-        return model.apply(variables, x, *extra, method="posterior")
+        return model.apply(variables, *args(x), method="posterior")
 
     def log_lik_fn(z: Array, x: Array) -> Array:
-        out = model.apply(variables, z, *extra, method="decode")
+        out = model.apply(variables, *args(z), method="decode")
         if _likelihood(model) == "bernoulli":
             return losses.bernoulli_log_prob(out, x)
         log_scale = model.apply(variables, method="decoder_log_scale")

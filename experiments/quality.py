@@ -191,14 +191,12 @@ def generator(config, workdir: str, splits, *, components: int = 10, seed: int =
             model, params, rng, num, condition=trainer.class_labels(model, num)))
         return sample, "decoded means of z ~ N(0, I)" + (
             ", every class in turn" if models.conditional(model) else "")
+    decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))
     if callable(getattr(model, "quantized", None)):
         codes = np.asarray(models.encode_batched(model, params, splits.train[0]))
-        sample = code_marginal_sampler(codes, int(getattr(model, "num_latents")),
-                                       jax.jit(lambda z: jax.nn.sigmoid(
-                                           models.decoder(model, params)(z))))
+        sample = code_marginal_sampler(codes, int(getattr(model, "num_latents")), decode)
         return sample, ("codewords drawn per position from the training codes' marginals "
                         "(independent positions), decoded")
-    decode = jax.jit(lambda z: jax.nn.sigmoid(models.decoder(model, params)(z)))
     size = int(getattr(model, "code_size"))
     if "mmd" in config.loss.terms:
         return (lambda rng, num: np.asarray(decode(jax.random.normal(rng, (num, size)))),
