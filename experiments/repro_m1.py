@@ -179,7 +179,7 @@ def make_record(runs: list[dict], *, epochs: int, draws: int, wall_seconds: floa
                     "expect": "less", "rule": "welch"})
     seeds = sorted(r["seed"] for r in runs)
     return {
-        "name": "m1", "number": 15,
+        "name": "m1", "number": 16,
         "title": "Semi-supervised classification with VAE features (M1)",
         "label": "M1 semi-supervised",
         "claim": "A classifier on a VAE's posterior means, trained with few labels, beats the same "
