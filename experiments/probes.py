@@ -138,7 +138,7 @@ def _lbfgs_logistic(w0, x, y, l2, *, max_iterations: int, tolerance: float):
         w, state, i, _ = carry
         value, grad = value_and_grad(w, state=state)
         updates, state = solver.update(grad, state, w, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(w, updates), state, i + 1, optax.tree_utils.tree_l2_norm(grad)
+        return optax.apply_updates(w, updates), state, i + 1, optax.tree_utils.tree_norm(grad)
 
     def cond(carry):
         return (carry[2] < max_iterations) & (carry[3] > tolerance)

@@ -366,7 +366,7 @@ def make_record(out: dict, *, epochs: int) -> dict:
                  "smaller and its units more saturated (Rifai et al. 2011).",
         "source": "Rifai, Vincent, Muller, Glorot & Bengio 2011 (ICML), \"Contractive "
                   "auto-encoders: explicit invariance during feature extraction\", Table 1 (MNIST)",
-        "published": {f"{NAMES[k]}, MNIST": {"value": v, "note": "test error, %"}
+        "published": {f"{NAMES[k]} (Table 1)": {"value": v, "dataset": "MNIST"}
                       for k, v in PUBLISHED_MNIST_ERROR.items()},
         "metric": "test error, % of the 10,000 Fashion-MNIST test images (and the Jacobian "
                   "measures named in each arm)",

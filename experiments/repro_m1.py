@@ -186,7 +186,7 @@ def make_record(runs: list[dict], *, epochs: int, draws: int, wall_seconds: floa
                  "classifier on PCA features and on the raw pixels (Kingma et al. 2014, M1).",
         "source": "Kingma, Rezende, Mohamed & Welling 2014 (NeurIPS), \"Semi-supervised learning "
                   "with deep generative models\", Table 1: M1 + TSVM on MNIST",
-        "published": {f"M1 + TSVM, {n} labels, MNIST": {"value": v, "note": "test error, %"}
+        "published": {f"M1 + TSVM, {n} labels (Table 1)": {"value": v, "dataset": "MNIST"}
                       for n, v in PUBLISHED_MNIST_TSVM.items()},
         "metric": "test error, % of the 10,000 Fashion-MNIST test images (mean over 10 label "
                   "draws per seed)",
