@@ -152,3 +152,27 @@ def test_m1_record_is_valid_and_a_seeds_value_is_the_mean_over_its_draws():
     assert rec["arms"]["VAE (M1) + RBF SVM, 100 labels"] == {"values": [11.0] * 3,
                                                               "seeds": [0, 1, 2]}
     assert {c[k] for c in rec["comparisons"] for k in ("a", "b")} <= set(rec["arms"])
+
+
+def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
+    out = _made_up_cae_output()
+    for kind in cae.ARMS:
+        for v in cae.GRID[kind]:
+            entry = out["probes"].setdefault(cae.run_name(kind, v, 0), {})
+            entry.update(logistic=dict(entry.get("logistic", {}), validation_error=0.2),
+                         training={"test_squared_error_per_image": 3.0})
+    for name, entry in out["probes"].items():
+        if "measures" in entry:
+            entry["measures"].update(closed_form_vs_fwd_max_relative=1e-7,
+                                     encoder_weight_norm=50.0)
+        if "finetune" in entry:
+            entry["finetune"]["best_epoch"] = 4
+    rec = cae.make_record(out, epochs=10)
+    text = cae.section(out, rec)
+    assert text.startswith(f"### {rec['number']}. ")
+    assert "| CAE | lambda 0.01 (chosen) | 20.00 | 3.00 |" in text
+    assert "| CAE | 11.00 ± 0.00 | 15.10 ± 0.10 | 1.14 | 3.00 ± 0.00 | 40.00 ± 0.00 |" in text
+    assert "| raw pixels | — | 16.00 |" in text
+    assert text.count("**inconclusive") + text.count("**holds") + text.count(
+        "**does not hold") == len(rec["comparisons"])
+    assert "10 epochs of Adam" in text
