@@ -47,6 +47,7 @@ import optax
 from jax.extend.core import Literal, jaxprs_in_params
 
 from aejax import jacobians, models, objectives, step, vae
+from aejax.data import batching
 from aejax.runtime.placement import Placement
 
 BATCH = 256
@@ -698,6 +699,10 @@ def main() -> None:
         if name == "conv_step" and jax.default_backend() == "cpu":  # the loop's program too
             runners[name, "loop"] = step_runner(model, terms, x, steps_per_call=steps,
                                                 loop=True).timed(number)
+        if binarize:  # the same step on inputs binarized once: what the per-step draw costs
+            fixed = np.asarray(batching.binarize(jax.random.PRNGKey(1), jnp.asarray(x)))
+            runners[name, "fixed"] = step_runner(model, terms, fixed, binarize=False,
+                                                 steps_per_call=steps).timed(number)
         add_twins(runners, name, model, runner.params, x, terms, steps=min(steps, 5),
                   binarize=binarize)
         times = interleaved(runners, rounds=repeats)
@@ -706,6 +711,9 @@ def main() -> None:
                             ratio_to_plain=round(times.ratio(name, "plain"), 2),
                             **({"while_loop_over_straight": round(times.ratio((name, "loop"), name), 2)}
                                if (name, "loop") in times else {}),
+                            **({"binarization_over_fixed_inputs":
+                                round(times.ratio(name, (name, "fixed")), 2)}
+                               if (name, "fixed") in times else {}),
                             **against_references(times, name, product_flops(runner.products),
                                                  matmul_flops)))
 

@@ -368,7 +368,7 @@ def make_record(out: dict, *, epochs: int) -> dict:
     grid = "; ".join(f"{NAMES[k]} {SETTING_NAMES[k]} in {{{', '.join(f'{v:g}' for v in GRID[k])}}}"
                      for k in ARMS if GRID[k] != (None,))
     return {
-        "name": "cae", "number": 15,
+        "name": "cae", "number": 6,
         "title": "Contractive autoencoders by Rifai et al.'s protocol",
         "label": "CAE (Rifai's protocol)",
         "claim": "A contractive autoencoder's features classify better than those of an AE, an AE "

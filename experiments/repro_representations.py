@@ -5,8 +5,9 @@ encoder Jacobians (Frobenius norm, singular values) and by contraction curves.
 Run:
     python -m experiments.repro_representations --workdir=runs/repro_representations [--quick]
 
-Writes results.json, spectra.png and contraction.png in the workdir; the table is in
-experiments/results/representations.md.
+Writes results.json, spectra.png and contraction.png in the workdir. This is the quick look
+(untied decoders, fixed hyperparameters, one logistic probe, one seed); the reproduction of the
+paper's protocol, with its verdicts, is ``experiments/repro_cae.py``.
 """
 
 from __future__ import annotations
@@ -263,31 +264,7 @@ def run(workdir: str, *, hidden_size: int, epochs: int, classifier_epochs: int,
     return out
 
 
-# The arms of experiments/results/representations.json.
-RECORD_NAMES = {"ae": "AE", "ae_wd": "AE + weight decay", "dae_g": "DAE-g", "dae_b": "DAE-b",
-                "sparse": "sparse AE", "cae": "CAE"}
-
-
-def record_entries(out: dict) -> list[tuple[str, int, float]]:
-    """``(arm, seed, value)`` of experiments/results/representations.json from :func:`run`'s
-    output (test errors in percent)."""
-    seed, r = out["setting"]["seed"], out["results"]
-    entries = [("raw pixels, test error", seed, 100 * r["pixels"]["test_error"])]
-    for kind, name in RECORD_NAMES.items():
-        if kind in r:
-            entries.append((f"{name}, test error", seed, 100 * r[kind]["test_error"]))
-    for kind in ("ae", "cae"):
-        if kind in r:
-            entries += [(f"{RECORD_NAMES[kind]}, mean ‖J‖_F", seed,
-                         r[kind]["jacobian_frobenius_mean"]),
-                        (f"{RECORD_NAMES[kind]}, singular values > 10% of the largest", seed,
-                         r[kind]["singular_values_above_10pct"])]
-    return entries
-
-
 def main(argv=None) -> None:
-    from experiments import results as records
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/repro_representations")
@@ -310,9 +287,6 @@ def main(argv=None) -> None:
                        num_jacobian_points=200, num_pair_points=1000)
     out = run(args.workdir, seed=args.seed, kinds=kinds,
               contractive_weight=args.contractive_weight, **setting)
-    if records.default_run(parser, args):
-        records.record_many("representations", record_entries(out),
-                            wall_seconds=out["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {out['wall_seconds']:.0f} s")
 
 

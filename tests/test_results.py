@@ -123,7 +123,7 @@ def test_two_standard_errors_against_a_fixed_number():
     assert v.outcome == "does not hold"
 
 
-SEEDED = ("semisupervised", "iwae", "stacking")
+SEEDED = ("semisupervised", "iwae", "stacking", "cae", "m1")
 
 
 def test_the_committed_records_give_the_verdicts_the_readme_states():
@@ -131,8 +131,8 @@ def test_the_committed_records_give_the_verdicts_the_readme_states():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert results.summary_line(records) in " ".join(readme.split())
-    # One seed everywhere but the semi-supervised, IWAE and stacking experiments: nothing else may be
-    # decided; those three have 3 seeds in every arm.
+    # One seed everywhere but the experiments of SEEDED: nothing else may be decided; those
+    # have 3 seeds in every arm.
     for r in records:
         for c, v in zip(r["comparisons"], results.verdicts(r)):
             if r["name"] not in SEEDED:
@@ -249,8 +249,8 @@ def test_default_run_only_for_the_documented_setting():
 
 def made_up_results():
     """What each wired script's record_entries reads, with made-up numbers."""
-    from experiments import (repro_denoising, repro_filters, repro_generation, repro_linear_pca,
-                             repro_representations, repro_retrieval, repro_semisupervised,
+    from experiments import (repro_cae, repro_denoising, repro_filters, repro_generation,
+                             repro_linear_pca, repro_m1, repro_retrieval, repro_semisupervised,
                              repro_sparse, repro_upscaling, repro_vae)
 
     methods = ("autoencoder code + MLP(64)", "pixels + MLP(64)", "CNN from scratch")
@@ -267,11 +267,17 @@ def made_up_results():
              for w in repro_sparse.KL_WEIGHTS]}),
         "upscaling": repro_upscaling.record_entries(
             {"test": {k: {"psnr_db": 20.0} for k in ("autoencoder", "bicubic", "nearest")}}),
-        "representations": repro_representations.record_entries(
-            {"setting": {"seed": 1}, "results": {"pixels": {"test_error": 0.16}, **{
-                k: {"test_error": 0.17, "jacobian_frobenius_mean": 3.0,
-                    "singular_values_above_10pct": 30.0}
-                for k in repro_representations.REPRESENTATIONS}}}),
+        "cae": repro_cae.record_entries({
+            "chosen": {k: v[0] for k, v in repro_cae.GRID.items()}, "seeds_done": [3],
+            "probes": {"pixels": {"logistic": {"test_error": 0.16}},
+                       "random_seed3": {"finetune": {"test_error": 0.13}},
+                       **{repro_cae.run_name(k, v[0], 3): {
+                           "logistic": {"test_error": 0.15}, "finetune": {"test_error": 0.1},
+                           "measures": {"jacobian_frobenius_mean": 3.0, "saturation": 0.4}}
+                          for k, v in repro_cae.GRID.items()}}}),
+        "m1": repro_m1.record_entries([{"seed": 3, "errors": {
+            f: {str(n): {k: [20.0, 22.0] for k in repro_m1.CLASSIFIERS}
+                for n in repro_m1.LABEL_COUNTS} for f in repro_m1.FEATURES}}]),
         "retrieval": repro_retrieval.record_entries(
             {"setting": {"seed": 1}, "results": {
                 "bits": [16, 32, 64], "pixels": {"1": 0.8},
@@ -305,8 +311,11 @@ def test_each_script_records_every_arm_its_record_compares(tmp_path):
     semi = results.load(str(directory / "semisupervised.json"))
     assert semi["arms"]["pixels + MLP(64), 100 labels"] == {"values": [30.0, 31.0, 29.0],
                                                              "seeds": [0, 1, 2]}
-    reps = results.load(str(directory / "representations.json"))
-    assert reps["arms"]["CAE, test error"]["values"] == [20.36, 17.0]
+    cae = results.load(str(directory / "cae.json"))
+    assert cae["arms"]["CAE, fine-tuned 784-1000-10, test error"]["seeds"][-1] == 3
+    assert cae["arms"]["CAE, fine-tuned 784-1000-10, test error"]["values"][-1] == 10.0
+    m1 = results.load(str(directory / "m1.json"))
+    assert m1["arms"]["VAE (M1) + RBF SVM, 100 labels"]["values"][-1] == 21.0
 
 
 # --------------------------------------------------------------------------- RESULTS.md
