@@ -29,7 +29,7 @@ def test_logistic_regression_matches_scikit_learns_solution():
     np.testing.assert_allclose(np.asarray(w["kernel"]), ref.coef_.T, atol=2e-3)
     # The intercept is unpenalized in both; softmax is invariant to a shared shift.
     b = np.asarray(w["bias"])
-    np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=2e-3)
+    np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=5e-3)
     assert probes.logistic_error(w, x, y) == pytest.approx(1 - ref.score(x, y), abs=2 / len(x))
 
 
@@ -95,7 +95,7 @@ def test_cae_choice_is_made_on_validation_errors_only(tmp_path):
     for kind, values in cae.GRID.items():
         for i, v in enumerate(values):
             # Validation best at the last value; the test error would pick the first.
-            cache.data[cae.run_name(kind, v, 0)] = {"logistic": {
+            cache.data[cae.run_name(kind, v, 0)] = {"selection": {
                 "validation_error": 0.3 - 0.01 * i, "test_error": 0.1 + 0.01 * i}}
     assert cae.choose(cache, "cae") == cae.GRID["cae"][-1]
     assert cae.choose(cache, "ae") is None
@@ -159,7 +159,7 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
     for kind in cae.ARMS:
         for v in cae.GRID[kind]:
             entry = out["probes"].setdefault(cae.run_name(kind, v, 0), {})
-            entry.update(logistic=dict(entry.get("logistic", {}), validation_error=0.2),
+            entry.update(selection={"validation_error": 0.2},
                          training={"test_squared_error_per_image": 3.0})
     for name, entry in out["probes"].items():
         if "measures" in entry:
