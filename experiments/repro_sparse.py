@@ -6,7 +6,10 @@ Run:
 L1: the Keras tutorial's 784-32-784 with a ReLU code and Bernoulli cross-entropy, the penalty
 weight swept around the Keras-equivalent 0.0784 (Keras: 1e-4 on a loss averaged over pixels;
 aejax sums over pixels, so 784 x 1e-4; see experiments/configs/sparse_l1.py). KL: 784-64-784 with
-a sigmoid code, rho = 0.05, beta swept around Ng's 3. Reports the mean code activation over the
+a sigmoid code, rho = 0.05, beta swept around Ng's 3 on the Bernoulli cross-entropy; and Ng's own
+objective, half the squared error summed over pixels plus beta = 3 times the KL penalty, with
+sigmoid outputs (``NG_BETA``; the ``"mse"`` reconstruction is a mean over the D pixels, so the
+KL weight is 2 beta / D and the objective is Ng's times 2 / D). Reports the mean code activation over the
 test set (Keras' `encoded_imgs.mean()`), the reconstruction error, and a plot of both against the
 weight. Expect (measured: about 4 minutes on 2 shared CPU cores): the mean activation falls and
 the error rises with the weight; at the Keras-equivalent weight the mean activation is 1.31
@@ -33,6 +36,9 @@ KERAS_L1 = 784 * 1e-4
 L1_WEIGHTS = (0.0, 0.1 * KERAS_L1, 0.3 * KERAS_L1, KERAS_L1, 3 * KERAS_L1)
 KL_WEIGHTS = (0.0, 0.3, 3.0, 30.0)
 RHO = 0.05
+NG_BETA = 3.0
+# Each kind's reconstruction term: Ng's objective is the squared error of sigmoid outputs.
+RECONSTRUCTION = {"l1": "bce", "kl": "bce", "ng": "mse"}
 
 
 def make_setting(kind: str, weight: float, *, input_dim: int = 784) -> tuple[Any, dict]:
@@ -41,11 +47,13 @@ def make_setting(kind: str, weight: float, *, input_dim: int = 784) -> tuple[Any
         model = models.MLPAutoencoder(input_shape=(input_dim,), hidden=(), code_size=32,
                                       code_activation="relu")
         return model, {"l1": {"weight": weight, "layer": "code"}}
-    if kind == "kl":
+    if kind in ("kl", "ng"):
         model = models.MLPAutoencoder(input_shape=(input_dim,), hidden=(), code_size=64,
                                       code_activation="sigmoid")
-        return model, {"kl_sparsity": {"weight": weight, "rho": RHO, "layer": "code"}}
-    raise ValueError(f"Unknown sparsity kind {kind!r}; choose 'l1' or 'kl'.")
+        # ng: 1/2 sum of squared errors + beta KL = (D / 2) (mean squared error + 2 beta / D KL).
+        w = weight if kind == "kl" else 2.0 * weight / input_dim
+        return model, {"kl_sparsity": {"weight": w, "rho": RHO, "layer": "code"}}
+    raise ValueError(f"Unknown sparsity kind {kind!r}; choose 'l1', 'kl' or 'ng'.")
 
 
 def code_statistics(codes: np.ndarray) -> dict[str, float]:
@@ -64,7 +72,7 @@ def train_sparse(kind: str, weight: float, x_train: np.ndarray, *, epochs: int,
     model, terms = make_setting(kind, weight, input_dim=x_train.shape[1])
     params = models.init(model, jax.random.PRNGKey(seed), jnp.asarray(x_train[:2]))
     objectives.check_compatible(model, params, jnp.asarray(x_train[:256]), terms)
-    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
+    per_example = step.make_per_example_fn(model, objectives.build(RECONSTRUCTION[kind], terms))
     params, _ = fit(per_example, params, optax.adam(learning_rate), x_train, epochs=epochs, seed=seed)
     return model, params, per_example
 
@@ -77,8 +85,10 @@ def sweep_point(kind: str, weight: float, x_train: np.ndarray, x_test: np.ndarra
     test = evaluate(per_example, params, x_test)
     stats = code_statistics(probes.encode(model, params, x_test))
     return {"kind": kind, "weight": weight, "squared_error_per_image": test["squared_error_per_image"],
-            "bce_nats_per_image": test["reconstruction"],
-            "bce_per_pixel": test["reconstruction"] / x_test.shape[1], **stats}
+            **({"bce_nats_per_image": test["reconstruction"],
+                "bce_per_pixel": test["reconstruction"] / x_test.shape[1]}
+               if RECONSTRUCTION[kind] == "bce" else {"mse_per_pixel": test["reconstruction"]}),
+            **stats}
 
 
 def run(workdir: str, *, quick: bool = False) -> dict:
@@ -93,7 +103,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
         l1_weights, kl_weights = (0.0, KERAS_L1), (3.0,)
     os.makedirs(workdir, exist_ok=True)
     rows = []
-    for kind, weights in (("l1", l1_weights), ("kl", kl_weights)):
+    for kind, weights in (("l1", l1_weights), ("kl", kl_weights), ("ng", (NG_BETA,))):
         for w in weights:
             rows.append(sweep_point(kind, w, x_train, x_test, epochs=epochs))
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
@@ -102,7 +112,10 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     results = {"dataset": "fashion_mnist", "epochs": epochs, "seed": SEED, "rho": RHO,
                "keras_equivalent_l1_weight": KERAS_L1,
                "models": {"l1": "784-32-784, ReLU code, BCE summed over pixels, Adam 1e-3, batch 256",
-                          "kl": "784-64-784, sigmoid code, BCE summed over pixels, Adam 1e-3, batch 256"},
+                          "kl": "784-64-784, sigmoid code, BCE summed over pixels, Adam 1e-3, batch 256",
+                          "ng": "784-64-784, sigmoid code and outputs, 1/2 squared error summed "
+                                "over pixels + beta KL (Ng's objective, scaled by 2 / 784), "
+                                "Adam 1e-3, batch 256"},
                "train_examples": len(x_train), "test_examples": len(x_test), "rows": rows,
                "figures": [os.path.basename(path)], "wall_seconds": round(time.time() - t0, 1),
                "quick": quick}
@@ -148,7 +161,8 @@ def record_entries(results: dict) -> list[tuple[str, int, float]]:
             ("ReLU 32, L1 0.0784 (Keras-equivalent)", SEED, mean["l1", KERAS_L1]),
             ("mean activation ratio, L1 0.0784 / no penalty", SEED,
              mean["l1", KERAS_L1] / mean["l1", 0.0]),
-            ("sigmoid 64, KL rho 0.05, beta 3", SEED, mean["kl", 3.0])]
+            ("sigmoid 64, KL rho 0.05, beta 3, Ng's objective", SEED, mean["ng", NG_BETA]),
+            ("sigmoid 64, KL rho 0.05, beta 3, BCE", SEED, mean["kl", 3.0])]
 
 
 def main() -> None:

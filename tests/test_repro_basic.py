@@ -107,8 +107,24 @@ def test_code_statistics_against_numpy():
     assert s["mean_unit_activation_max"] == pytest.approx(3.0)
 
 
+def test_ngs_objective_is_half_the_summed_squared_error_plus_beta_kl_scaled_by_2_over_d():
+    d, beta = 64, 3.0
+    model, terms = repro_sparse.make_setting("ng", beta, input_dim=d)
+    x = jnp.asarray(low_rank_images(32))
+    params = models.init(model, jax.random.PRNGKey(0), x)
+    per_example = step.make_per_example_fn(
+        model, objectives.build(repro_sparse.RECONSTRUCTION["ng"], terms))
+    loss = float(np.mean(np.asarray(per_example(params, {"x": x}, jax.random.PRNGKey(1), 0)[0])))
+    code = np.asarray(model.apply({"params": params}, x, method="encode"), np.float64)
+    out = 1 / (1 + np.exp(-np.asarray(model.apply({"params": params}, x)[0], np.float64)))
+    rho_hat, rho = code.mean(0), repro_sparse.RHO
+    kl = np.sum(rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat)))
+    ng = 0.5 * np.sum((out - np.asarray(x)) ** 2, axis=1).mean() + beta * kl
+    assert loss == pytest.approx(2 / d * ng, rel=1e-4)
+
+
 def test_sparse_settings_and_the_l1_penalty_lowers_mean_activation():
-    for kind in ("l1", "kl"):
+    for kind in ("l1", "kl", "ng"):
         model, terms = repro_sparse.make_setting(kind, 1.0, input_dim=64)
         x = jnp.asarray(low_rank_images(32))
         params = models.init(model, jax.random.PRNGKey(0), x)

@@ -264,7 +264,8 @@ def made_up_results():
         "sparse": repro_sparse.record_entries({"rows": [
             {"kind": "l1", "weight": w, "mean_activation": 2.0 - w} for w in repro_sparse.L1_WEIGHTS
         ] + [{"kind": "kl", "weight": w, "mean_activation": 0.1}
-             for w in repro_sparse.KL_WEIGHTS]}),
+             for w in repro_sparse.KL_WEIGHTS]
+          + [{"kind": "ng", "weight": repro_sparse.NG_BETA, "mean_activation": 0.06}]}),
         "upscaling": repro_upscaling.record_entries(
             {"test": {k: {"psnr_db": 20.0} for k in ("autoencoder", "bicubic", "nearest")}}),
         "cae": repro_cae.record_entries({
