@@ -37,6 +37,7 @@ import numpy as np
 from aejax import pca
 from aejax.runtime.config import default_config
 from experiments import probes
+from experiments.repro_vae import active_units
 
 LABEL_COUNTS = (100, 1000)
 FEATURES = ("VAE (M1)", "PCA-50", "raw pixels")
@@ -148,6 +149,7 @@ def run_seed(workdir: str, seed: int, *, epochs: int, draws: int, train_examples
     t = time.time()
     errors = classify_all(features, y_tr, y_te, seed=seed, draws=draws)
     return {"seed": seed, "errors": errors, "vae_test": summary["test"],
+            "active_units": active_units(z_tr),
             "epochs_run": summary["epochs_run"], "train_seconds": round(train_seconds, 1),
             "classify_seconds": round(time.time() - t, 1)}
 
@@ -234,7 +236,11 @@ def section(runs: list[dict], record: dict) -> str:
     lines += ["", "The VAEs on the test images (one fixed binarization): ELBO "
               + ", ".join(f"{t['elbo']:.1f}" for t in test) + " nats; KL "
               + ", ".join(f"{t['kl']:.1f}" for t in test) + " nats (seeds "
-              + ", ".join(map(str, seeds)) + ").", "",
+              + ", ".join(map(str, seeds)) + "). Active units (Burda et al.'s criterion, the "
+              "variance over the training images of a unit's posterior mean above 0.01): "
+              + ", ".join(str(r["active_units"]) for r in runs) + " of 50; the features are "
+              "standardized, so the inactive units reach the classifiers as noise of unit "
+              "variance.", "",
               "Verdicts (Welch's t over the seeds, p < 0.05):", ""]
     for c, v in zip(record["comparisons"], records.verdicts(record)):
         lines.append(f"- {c['claim']}: **{v}**")
@@ -283,6 +289,13 @@ def main(argv=None) -> None:
         probes.save_json(path, {"setting": dict(epochs=epochs, draws=draws,
                                                 train_examples=train_examples),
                                 "runs": [done[s] for s in sorted(done)]})
+    for seed, r in done.items():  # runs recorded before active units were counted
+        if "active_units" not in r:
+            model, params, _ = probes.train_model(
+                vae_config(seed, epochs=epochs, train_examples=train_examples),
+                os.path.join(args.workdir, f"vae_seed{seed}"), probes.fashion())
+            x_tr = probes.fashion()[0][0][:train_examples or None]
+            r["active_units"] = active_units(probes.encode(model, params, x_tr))
     runs = [done[s] for s in sorted(done)]
     wall = sum(r["train_seconds"] + r["classify_seconds"] for r in runs)
     if records.default_run(parser, args, ignore=("workdir", "seeds")):

@@ -181,11 +181,12 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
 def test_m1_section_shows_each_feature_and_classifier_and_the_verdicts():
     errors = {f: {str(n): {"svm": [10.0, 12.0], "logreg": [11.0, 13.0]}
                   for n in m1.LABEL_COUNTS} for f in m1.FEATURES}
-    runs = [{"seed": s, "errors": errors, "vae_test": {"elbo": -240.0, "kl": 25.0}}
-            for s in (0, 1, 2)]
+    runs = [{"seed": s, "errors": errors, "vae_test": {"elbo": -240.0, "kl": 25.0},
+             "active_units": 12} for s in (0, 1, 2)]
     rec = m1.make_record(runs, epochs=100, draws=2, wall_seconds=120.0)
     text = m1.section(runs, rec)
     assert "| VAE (M1) | RBF SVM | 11.00 ± 0.00 (1.10) | 11.00 ± 0.00 (1.10) |" in text
     assert "ELBO -240.0, -240.0, -240.0 nats" in text and "100 epochs of Adam" in text
+    assert "12, 12, 12 of 50" in text
     assert text.count("**inconclusive") + text.count("**holds") + text.count(
         "**does not hold") == len(rec["comparisons"])
