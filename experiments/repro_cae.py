@@ -464,6 +464,20 @@ def section(out: dict, record: dict) -> str:
                  "— | — | — | — |")
     check = max(p[run_name(k, chosen[k], s)]["measures"]["closed_form_vs_fwd_max_relative"]
                 for k in ARMS for s in seeds)
+    chosen_runs = [p[run_name(k, chosen[k], s)] for k in ARMS for s in seeds]
+    kept = [next(q for q in r["logistic"]["path"] if q["l2"] == r["logistic"]["l2"])
+            for r in chosen_runs]
+    capped = sum(q["iterations"] >= LBFGS_ITERATIONS for q in kept)
+    finetunes = [r["finetune"] for r in chosen_runs] + random
+    at_cap = sum(f["best_epoch"] == FINETUNE_EPOCHS for f in finetunes)
+    lines += ["", "Convergence: the kept logistic regressions ran "
+              f"{min(q['iterations'] for q in kept)} to {max(q['iterations'] for q in kept)} "
+              f"L-BFGS iterations ({capped} of {len(kept)} stopped at the cap of "
+              f"{LBFGS_ITERATIONS}; final gradient norms {min(q['grad_norm'] for q in kept):.0e} "
+              f"to {max(q['grad_norm'] for q in kept):.0e}); {at_cap} of {len(finetunes)} "
+              "fine-tuned networks had their best validation error at the last of their "
+              f"{FINETUNE_EPOCHS} epochs, so longer fine-tuning would likely lower those errors "
+              "further."]
     lines += ["", f"The closed-form ‖J‖_F² against `losses.contractive(mode=\"fwd\")` on the "
               f"trained weights, 20 test images per model: largest relative difference "
               f"{check:.1e}.", "", "Verdicts (Welch's t over the seeds, p < 0.05; against the "

@@ -167,6 +167,9 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
                                      encoder_weight_norm=50.0)
         if "finetune" in entry:
             entry["finetune"]["best_epoch"] = 4
+        if "logistic" in entry:
+            entry["logistic"].update(l2=1e-3, path=[{"l2": 1e-3, "iterations": 200,
+                                                     "grad_norm": 0.002}])
     rec = cae.make_record(out, epochs=10)
     text = cae.section(out, rec)
     assert text.startswith(f"### {rec['number']}. ")
@@ -176,6 +179,8 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
     assert text.count("**inconclusive") + text.count("**holds") + text.count(
         "**does not hold") == len(rec["comparisons"])
     assert "10 epochs of Adam" in text
+    assert "ran 200 to 200 L-BFGS iterations (15 of 15 stopped at the cap of 200" in text
+    assert "0 of 18 fine-tuned networks had their best" in text
 
 
 def test_m1_section_shows_each_feature_and_classifier_and_the_verdicts():
