@@ -379,9 +379,10 @@ def make_record(out: dict, *, epochs: int) -> dict:
         entry["values"].append(round(value, 4))
         entry["seeds"].append(seed)
     chosen = out["chosen"]
-    settings = ", ".join(f"{NAMES[k]} {SETTING_NAMES[k]} {chosen[k]:g}" for k in ARMS
+    settings = "; ".join(f"{NAMES[k]}: {SETTING_NAMES[k]} {chosen[k]:g}" for k in ARMS
                          if chosen[k] is not None)
-    grid = "; ".join(f"{NAMES[k]} {SETTING_NAMES[k]} in {{{', '.join(f'{v:g}' for v in GRID[k])}}}"
+    grid = "; ".join(f"{NAMES[k]}: {SETTING_NAMES[k]} in "
+                     f"{{{', '.join(f'{v:g}' for v in GRID[k])}}}"
                      for k in ARMS if GRID[k] != (None,))
     return {
         "name": "cae", "number": 6,
@@ -426,7 +427,8 @@ def section(out: dict, record: dict) -> str:
 
     p, chosen, seeds = out["probes"], out["chosen"], out["seeds_done"]
     lines = [f"### {record['number']}. {record['title']}", "",
-             f"`{record['command']}` (seeds {', '.join(map(str, seeds))}; "
+             f"`{record['command']}` (seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))}; "
              f"{record['cost']['wall_seconds'] / 60:.0f} min of compute, "
              f"{record['cost']['cpu']}). {record['protocol']}", "",
              f"**The sweep** (seed 0; chosen by the validation error of logistic regression on "
@@ -441,6 +443,11 @@ def section(out: dict, record: dict) -> str:
             lines.append(f"| {NAMES[kind]} | {setting}{mark} | "
                          f"{100 * r['selection']['validation_error']:.2f} | "
                          f"{r['training']['test_squared_error_per_image']:.2f} |")
+    edge = [NAMES[k] for k in ARMS if len(GRID[k]) > 1
+            and chosen[k] in (GRID[k][0], GRID[k][-1])]
+    if edge:
+        lines += ["", "At the edge of its grid: " + ", ".join(edge) + " (a wider grid might "
+                  "choose another setting)."]
     lines += ["", f"**At the chosen settings** (mean ± sample standard deviation over seeds "
               f"{', '.join(map(str, seeds))}; test errors in % of the 10,000 test images; "
               "‖J‖_F and saturation over the test images):", "",

@@ -174,6 +174,7 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
     text = cae.section(out, rec)
     assert text.startswith(f"### {rec['number']}. ")
     assert "| CAE | lambda 0.01 (chosen) | 20.00 | 3.00 |" in text
+    assert "At the edge of its grid: AE + weight decay, DAE-g, DAE-b, CAE" in text
     assert "| CAE | 11.00 ± 0.00 | 15.10 ± 0.10 | 1.14 | 3.00 ± 0.00 | 40.00 ± 0.00 |" in text
     assert "| raw pixels | — | 16.00 |" in text
     assert text.count("**inconclusive") + text.count("**holds") + text.count(
