@@ -205,6 +205,13 @@ def fashion(flat: bool = True, validation_size: int = 5000, seed: int = 0):
     return data_splits.load("fashion_mnist", flat=flat, validation_size=validation_size, seed=seed)
 
 
+def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """``train`` and ``others`` shifted and scaled by ``train``'s per-feature mean and standard
+    deviation (plus 1e-6, which keeps a constant feature finite), as float32."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return [((a - mean) / std).astype(np.float32) for a in (train, *others)]
+
+
 def save_json(path: str, obj) -> None:
     import json
 

@@ -51,7 +51,8 @@ import numpy as np
 from aejax import jacobians, losses, models
 from aejax.runtime.config import default_config
 from experiments import probes
-from experiments.repro_representations import contraction_curve, pair_contraction
+from experiments.repro_representations import (contraction_curve, pair_contraction,
+                                               plot_contraction)
 
 # Rifai et al. 2011, Table 1 (MNIST test error, %).
 PUBLISHED_MNIST_ERROR = {"cae": 1.14, "dae_g": 1.18, "dae_b": 1.57, "ae_wd": 1.68, "ae": 1.78}
@@ -107,14 +108,9 @@ def run_name(kind: str, value, seed: int) -> str:
     return f"{kind}_seed{seed}" if value is None else f"{kind}_{value:g}_seed{seed}"
 
 
-def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mean, std = train.mean(0), train.std(0) + 1e-6
-    return [((a - mean) / std).astype(np.float32) for a in (train, *others)]
-
-
 def logistic_probe(f_tr, y_tr, f_va, y_va, f_te, y_te, *, l2_grid=L2_GRID) -> dict:
     """The L2 path on standardized features, the weight of the lowest validation error kept."""
-    f_tr, f_va, f_te = standardize(f_tr, f_va, f_te)
+    f_tr, f_va, f_te = probes.standardize(f_tr, f_va, f_te)
     best, w = None, None
     path = []
     for l2 in l2_grid:
@@ -286,35 +282,12 @@ def run(workdir: str, *, seeds, epochs: int, hidden: int = HIDDEN, train_example
                "probes": cache.data, "curves": curves, "wall_seconds": round(cache.seconds, 1)}
         probes.save_json(os.path.join(workdir, "results.json"), out)
         if curves and seed == seeds[0]:
-            plot_contraction(curves, os.path.join(workdir, "contraction.png"))
+            plot_contraction(curves, os.path.join(workdir, "contraction.png"), labels=NAMES,
+                             title="Contraction curves, tied 784-1000 sigmoid encoders "
+                                   "(smaller: more contractive)")
         if on_seed is not None:
             on_seed(out)
     return out
-
-
-def plot_contraction(curves: dict, path: str) -> str:
-    from aejax import figures  # noqa: F401  (selects the headless backend)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
-    for kind, c in curves.items():
-        axes[0].loglog(c["radii"], c["isotropic"], label=NAMES[kind])
-        axes[1].plot(c["pair_input_distance"], c["pair_ratio"], marker="o", ms=2,
-                     label=NAMES[kind])
-    axes[0].set_xlabel("input distance r (isotropic perturbation)")
-    axes[0].set_ylabel("||f(x + r u) - f(x)|| / r")
-    axes[1].set_xlabel("input distance between two test images")
-    axes[1].set_ylabel("code distance / input distance")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Contraction curves, tied 784-1000 sigmoid encoders (smaller: more "
-                 "contractive)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------- the record

@@ -73,12 +73,6 @@ def balanced_draw(y: np.ndarray, count: int, rng: np.random.Generator) -> np.nda
                            for c in range(10)])
 
 
-def standardizer(x_unlabelled: np.ndarray):
-    mean = x_unlabelled.mean(0)
-    std = x_unlabelled.std(0) + 1e-6
-    return lambda x: ((x - mean) / std).astype(np.float32)
-
-
 def fit_predict(kind: str, x_lab: np.ndarray, y_lab: np.ndarray, x_test: np.ndarray
                 ) -> tuple[np.ndarray, dict]:
     """Cross-validates ``kind``'s hyperparameters on the labelled examples only, refits on all of
@@ -132,14 +126,12 @@ def run_seed(workdir: str, seed: int, *, epochs: int, draws: int, train_examples
     train_seconds = time.time() - t
     features = {}
     z_tr, z_te = probes.encode(model, params, x_tr), probes.encode(model, params, x_te)
-    scale = standardizer(z_tr)
-    features[FEATURES[0]] = (scale(z_tr), scale(z_te))
+    features[FEATURES[0]] = tuple(probes.standardize(z_tr, z_te))
     if pca_cache is None or "pca" not in pca_cache:
         fit = pca.fit(x_tr, 50)
         p_tr, p_te = np.asarray(pca.encode(fit, x_tr)), np.asarray(pca.encode(fit, x_te))
-        scale = standardizer(p_tr)
-        pixels = standardizer(x_tr)
-        cache = {"pca": (scale(p_tr), scale(p_te)), "pixels": (pixels(x_tr), pixels(x_te))}
+        cache = {"pca": tuple(probes.standardize(p_tr, p_te)),
+                 "pixels": tuple(probes.standardize(x_tr, x_te))}
         if pca_cache is not None:
             pca_cache.update(cache)
     else:

@@ -163,15 +163,18 @@ def plot_spectra(spectra: dict[str, np.ndarray], path: str, *, top: int = 100) -
     return path
 
 
-def plot_contraction(curves: dict[str, dict], path: str) -> str:
+def plot_contraction(curves: dict[str, dict], path: str, *, labels: dict | None = None,
+                     title: str = "Contraction curves (smaller: more contractive)") -> str:
+    """Isotropic and pairwise contraction curves of each representation, side by side."""
     from aejax import figures  # noqa: F401
     import matplotlib.pyplot as plt
 
+    labels = LABELS if labels is None else labels
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.3))
     for name, c in curves.items():
-        axes[0].loglog(c["radii"], c["isotropic"], label=LABELS[name])
+        axes[0].loglog(c["radii"], c["isotropic"], label=labels[name])
         axes[1].plot(c["pair_input_distance"], c["pair_ratio"], marker="o", ms=2,
-                     label=LABELS[name])
+                     label=labels[name])
     axes[0].set_xlabel("input distance r (isotropic perturbation)")
     axes[0].set_ylabel("||f(x + r u) - f(x)|| / r")
     axes[1].set_xlabel("input distance between two test images")
@@ -180,7 +183,7 @@ def plot_contraction(curves: dict[str, dict], path: str) -> str:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Contraction curves (smaller: more contractive)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -196,3 +196,12 @@ def test_m1_section_shows_each_feature_and_classifier_and_the_verdicts():
     assert "12, 12, 12 of 50" in text
     assert text.count("**inconclusive") + text.count("**holds") + text.count(
         "**does not hold") == len(rec["comparisons"])
+
+
+def test_standardize_uses_the_training_statistics_only():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(3.0, 2.0, (500, 4)), rng.normal(0.0, 1.0, (50, 4))
+    s_train, s_test = probes.standardize(train, test)
+    np.testing.assert_allclose(s_train.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(s_train.std(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(s_test, (test - train.mean(0)) / train.std(0), rtol=1e-4)
