@@ -289,6 +289,8 @@ def main(argv=None) -> None:
             x_tr = probes.fashion()[0][0][:train_examples or None]
             r["active_units"] = active_units(probes.encode(model, params, x_tr))
     runs = [done[s] for s in sorted(done)]
+    probes.save_json(path, {"setting": dict(epochs=epochs, draws=draws,
+                                            train_examples=train_examples), "runs": runs})
     wall = sum(r["train_seconds"] + r["classify_seconds"] for r in runs)
     if records.default_run(parser, args, ignore=("workdir", "seeds")):
         out = os.path.join(records.RESULTS_DIR, "m1.json")
