@@ -90,7 +90,7 @@ def corrupted(x: np.ndarray, corrupt: corruptions.Corruption, *, seed: int = SEE
     return np.asarray(corrupt(r_cor, jnp.asarray(x)))
 
 
-def run(workdir: str, *, quick: bool = False) -> dict:
+def run(workdir: str, *, quick: bool = False, seed: int = SEED) -> dict:
     from aejax import figures
     from experiments import probes
 
@@ -103,22 +103,24 @@ def run(workdir: str, *, quick: bool = False) -> dict:
         x_train, x_test, epochs, names = x_train[:2048], x_test[:500], 1, names[:1]
     os.makedirs(workdir, exist_ok=True)
 
-    trained = {"plain": train_denoiser(x_train, None, epochs=epochs)}
+    trained = {"plain": train_denoiser(x_train, None, epochs=epochs, seed=seed)}
     for name in names:
-        trained[name] = train_denoiser(x_train, build_corruption(name), epochs=epochs)
+        trained[name] = train_denoiser(x_train, build_corruption(name), epochs=epochs,
+                                       seed=seed)
         print(f"trained {name} ({time.time() - t0:.0f} s)", flush=True)
 
     plain_model, plain_params = trained["plain"]
     rows = {"clean": {"input": 0.0,
-                      "plain": noisy_test_error(plain_model, plain_params, x_test, None)}}
+                      "plain": noisy_test_error(plain_model, plain_params, x_test, None,
+                                                seed=seed + 1)}}
     for name in names:
         corrupt = build_corruption(name)
         model, params = trained[name]
         rows[name] = {
-            "input": input_error(x_test, corrupt),
-            "plain": noisy_test_error(plain_model, plain_params, x_test, corrupt),
-            "denoising": noisy_test_error(model, params, x_test, corrupt),
-            "denoising_on_clean": noisy_test_error(model, params, x_test, None),
+            "input": input_error(x_test, corrupt, seed=seed + 1),
+            "plain": noisy_test_error(plain_model, plain_params, x_test, corrupt, seed=seed + 1),
+            "denoising": noisy_test_error(model, params, x_test, corrupt, seed=seed + 1),
+            "denoising_on_clean": noisy_test_error(model, params, x_test, None, seed=seed + 1),
         }
         print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
 
@@ -127,7 +129,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     shown = [nm for nm in ("gaussian_0.5", "masking_0.5") if nm in names] or names[-1:]
     fig_rows, labels = [x_test[:n]], ["clean"]
     for name in shown:
-        noisy = corrupted(x_test[:n], build_corruption(name))
+        noisy = corrupted(x_test[:n], build_corruption(name), seed=seed + 1)
         for label, (model, params) in (("plain AE", trained["plain"]), ("denoising AE", trained[name])):
             if label == "plain AE":
                 fig_rows.append(noisy), labels.append(name.replace("_", " "))
@@ -139,7 +141,7 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     curve = plot_error_vs_noise(rows, os.path.join(workdir, "denoising_error_vs_noise.png"))
     results = {"dataset": "fashion_mnist", "model": "784-128-32-128-784 relu, linear code, bce",
                "epochs": epochs, "train_examples": len(x_train), "test_examples": len(x_test),
-               "seed": SEED, "metric": "squared error per test image (sum over 784 pixels) of the "
+               "seed": seed, "metric": "squared error per test image (sum over 784 pixels) of the "
                                         "reconstruction of the clean image from the noisy one",
                "rows": rows, "figures": [os.path.basename(examples), os.path.basename(curve)],
                "wall_seconds": round(time.time() - t0, 1), "quick": quick}
@@ -173,11 +175,11 @@ def plot_error_vs_noise(rows: dict, path: str) -> str:
 
 def record_entries(results: dict) -> list[tuple[str, int, float]]:
     """``(arm, seed, value)`` of experiments/results/denoising.json from :func:`run`'s results."""
-    rows = results["rows"]
-    entries = [("plain AE, clean input", SEED, rows["clean"]["plain"])]
+    rows, seed = results["rows"], results.get("seed", SEED)
+    entries = [("plain AE, clean input", seed, rows["clean"]["plain"])]
     for name in NOISES:
-        entries += [(f"plain AE, {name} input", SEED, rows[name]["plain"]),
-                    (f"denoising AE trained on {name}, {name} input", SEED,
+        entries += [(f"plain AE, {name} input", seed, rows[name]["plain"]),
+                    (f"denoising AE trained on {name}, {name} input", seed,
                      rows[name]["denoising"])]
     return entries
 
@@ -187,9 +189,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_denoising")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="training seed (the noise of the test inputs uses seed + 1)")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
-    results = run(args.workdir, quick=args.quick)
+    results = run(args.workdir, quick=args.quick, seed=args.seed)
     if records.default_run(parser, args):
         records.record_many("denoising", record_entries(results),
                             wall_seconds=results["wall_seconds"])
