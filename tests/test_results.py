@@ -123,7 +123,7 @@ def test_two_standard_errors_against_a_fixed_number():
     assert v.outcome == "does not hold"
 
 
-SEEDED = ("semisupervised", "iwae", "stacking", "cae", "m1", "retrieval")
+SEEDED = ("semisupervised", "iwae", "stacking", "cae", "m1", "retrieval", "denoising")
 
 
 def test_the_committed_records_give_the_verdicts_the_readme_states():
