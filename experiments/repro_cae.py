@@ -394,7 +394,7 @@ def _mean_std(values) -> str:
             f"{values.mean():.2f} ± {values.std(ddof=1):.2f}")
 
 
-def section(out: dict, record: dict) -> str:
+def section(out: dict, record: dict, *, epochs: int) -> str:
     """The RESULTS.md section: the sweep, every arm's numbers over the seeds, the verdicts."""
     from experiments import results as records
 
@@ -468,7 +468,7 @@ def section(out: dict, record: dict) -> str:
               "(../../docs/cae_contraction.png)", "",
               "What differs from the paper: Fashion-MNIST, not MNIST (MNIST cannot be had "
               "offline here), so only the ordering is compared; "
-              f"{record['protocol'].split('batch 128, ')[1].split(' epochs')[0]} epochs of "
+              f"{epochs} epochs of "
               "Adam per representation, not training to convergence; the paper's "
               "hyperparameter grids and its fine-tuning schedule are not published in full, so "
               "the grids above are ours, fixed before any run.", ""]
@@ -499,7 +499,7 @@ def main(argv=None) -> None:
             record = make_record(out, epochs=args.epochs)
             records.write(path, record)
             with open(os.path.join(records.RESULTS_DIR, "cae.md"), "w", encoding="utf-8") as f:
-                f.write(section(out, record))
+                f.write(section(out, record, epochs=args.epochs))
             print(f"wrote {path} and its section cae.md", flush=True)
 
     setting = (dict(epochs=1, hidden=32, train_examples=2000, num_points=50, finetune_epochs=2)

@@ -171,7 +171,7 @@ def test_cae_section_shows_the_sweep_the_arms_and_the_verdicts():
             entry["logistic"].update(l2=1e-3, path=[{"l2": 1e-3, "iterations": 200,
                                                      "grad_norm": 0.002}])
     rec = cae.make_record(out, epochs=10)
-    text = cae.section(out, rec)
+    text = cae.section(out, rec, epochs=10)
     assert text.startswith(f"### {rec['number']}. ")
     assert "| CAE | lambda 0.01 (chosen) | 20.00 | 3.00 |" in text
     assert "At the edge of its grid: AE + weight decay, DAE-g, DAE-b, CAE" in text
@@ -190,7 +190,7 @@ def test_m1_section_shows_each_feature_and_classifier_and_the_verdicts():
     runs = [{"seed": s, "errors": errors, "vae_test": {"elbo": -240.0, "kl": 25.0},
              "active_units": 12} for s in (0, 1, 2)]
     rec = m1.make_record(runs, epochs=100, draws=2, wall_seconds=120.0)
-    text = m1.section(runs, rec)
+    text = m1.section(runs, rec, epochs=100)
     assert "| VAE (M1) | RBF SVM | 11.00 ± 0.00 (1.10) | 11.00 ± 0.00 (1.10) |" in text
     assert "ELBO -240.0, -240.0, -240.0 nats" in text and "100 epochs of Adam" in text
     assert "12, 12, 12 of 50" in text
