@@ -13,9 +13,10 @@ images) and the active units (Var_x E_q[z_u | x] > 0.01). The claims tested: the
 model has the lower NLL and more active units, and the NLL estimate falls with k.
 
 Every run resumes: training from its checkpoints, and each finished evaluation is kept in
-``WORKDIR/ARM_seedS/nll_kK.npy``. Training of every model comes first, then the evaluations,
-the k = 5000 ones first; ``WORKDIR/results.json`` is written after each step. At the end, for the
-documented setting (any seeds and stages), the script writes ``experiments/results/iwae.json``.
+``WORKDIR/ARM_seedS/nll_kK_eE.npy`` (E: the epochs trained). Training of every model comes
+first, then the evaluations, the k = 5000 ones first; ``WORKDIR/results.json`` is written after
+each step. At the end, for the documented setting (any seeds and stages), the script writes
+``experiments/results/iwae.json``.
 """
 
 from __future__ import annotations
@@ -143,9 +144,10 @@ def make_record(results: dict) -> dict:
     }
 
 
-def evaluate(model, params, x_bin: np.ndarray, k: int, run_dir: str) -> dict:
-    """The per-image NLL estimates with ``k`` samples (kept in ``nll_kK.npy``): mean, SE."""
-    path = os.path.join(run_dir, f"nll_k{k}.npy")
+def evaluate(model, params, x_bin: np.ndarray, k: int, run_dir: str, epochs: int) -> dict:
+    """The per-image NLL estimates with ``k`` samples of the model trained for ``epochs`` (kept in
+    ``nll_kK_eE.npy``, so that a run resumed into a longer schedule evaluates afresh): mean, SE."""
+    path = os.path.join(run_dir, f"nll_k{k}_e{epochs}.npy")
     seconds = None
     if os.path.exists(path):
         per = np.load(path)
@@ -210,7 +212,7 @@ def main(argv=None) -> dict:
     for k in ks:  # then the evaluations, the largest k first
         for key, run in runs.items():
             model, params, run_dir = trained[key]
-            run["nll"][str(k)] = evaluate(model, params, x_bin, k, run_dir)
+            run["nll"][str(k)] = evaluate(model, params, x_bin, k, run_dir, epochs_of(stages))
             save()
     if documented:
         records.write(os.path.join(records.RESULTS_DIR, "iwae.json"),

@@ -244,9 +244,11 @@ def test_an_evaluation_is_kept_and_read_back_and_the_record_validates(tiny_vae, 
 
     model, params = tiny_vae
     x_bin = (np.random.default_rng(1).uniform(size=(30, 6)) > 0.5).astype(np.float32)
-    first = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path))
-    again = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path))
+    first = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path), 40)
+    again = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path), 40)
     assert "seconds" in first and "seconds" not in again  # read back, not recomputed
+    longer = repro_iwae.evaluate(model, params, x_bin, 10, str(tmp_path), 121)
+    assert "seconds" in longer  # a longer schedule is evaluated afresh, not read back
     assert first["mean"] == again["mean"] and first["images"] == len(x_bin) and first["se"] > 0
     runs = [{"arm": arm, "seed": s, "train_seconds": 1.0, "active_units": 3 + s,
              "nll": {str(k): {"mean": 100.0 - k / 1000 + s, "se": 0.1} for k in repro_iwae.KS}}
