@@ -29,9 +29,9 @@ from experiments import probes, repro_vae
 MIXTURE_COMPONENTS = (5, 10, 20, 40)
 
 
-def autoencoder_config(*, quick: bool) -> ml_collections.ConfigDict:
+def autoencoder_config(*, quick: bool, seed: int = 0) -> ml_collections.ConfigDict:
     c = default_config()
-    c.seed = 0
+    c.seed = seed
     c.model = ml_collections.ConfigDict(dict(name="mlp", hidden=(256,), code_size=16,
                                              activation="relu", code_activation="linear"))
     c.num_epochs = 1 if quick else 20
@@ -119,6 +119,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", default="runs/repro_generation")
     parser.add_argument("--vae_workdir", default="runs/repro_vae/vae50",
                         help="workdir of repro_vae's 784-200-200-50 VAE (trained there if empty)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the autoencoder, the mixtures and the samples")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests, smoke runs)")
     args = parser.parse_args(argv)
     from aejax import figures
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     os.makedirs(args.workdir, exist_ok=True)
     splits = probes.fashion(flat=True)
-    config = autoencoder_config(quick=args.quick)
+    config = autoencoder_config(quick=args.quick, seed=args.seed)
     model, params, summary = probes.train_model(config, os.path.join(args.workdir, "autoencoder"),
                                                 splits=splits)
     (x_tr, _), (x_val, _), (x_te, _) = splits
@@ -171,7 +173,7 @@ def main(argv=None) -> dict:
         "wall_seconds": round(time.time() - t0, 1),
     }
     probes.save_json(os.path.join(args.workdir, "results.json"), results)
-    if records.default_run(parser, args, ignore=("workdir", "vae_workdir")):
+    if records.default_run(parser, args, ignore=("workdir", "vae_workdir", "seed")):
         records.record_many("generation", record_entries(results, config.seed),
                             wall_seconds=results["wall_seconds"])
     print(results["test_code_log_likelihood_nats"], results["gmm_validation_log_likelihood"])

@@ -140,7 +140,7 @@ def compare_with_pca(model, params, fitted: pca.PCA, x_test: np.ndarray, *,
             "unit_to_nearest_component_angle_deg": [round(float(a), 1) for a in unit_angles]}
 
 
-def run(workdir: str, *, quick: bool = False) -> dict:
+def run(workdir: str, *, quick: bool = False, seed: int = SEED) -> dict:
     from experiments import probes
 
     t0 = time.time()
@@ -152,13 +152,13 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     os.makedirs(workdir, exist_ok=True)
     fitted, wider = pca.fit(x_train, k), pca.fit(x_train, k + 1)
     model, params, curve = train_linear_autoencoder(x_train, k, epochs=epochs, learning_rate=lr,
-                                                    x_eval=x_test)
+                                                    seed=seed, x_eval=x_test)
     out = compare_with_pca(model, params, fitted, x_test, x_train=x_train, wider=wider)
     out["pca_variances"] = [round(float(v), 4) for v in wider.variances]
     figure = plot(out, curve, os.path.join(workdir, "linear_pca.png"))
     basis = plot_bases(model, params, fitted, os.path.join(workdir, "linear_pca_bases.png"))
     results = {"dataset": "fashion_mnist", "k": k, "epochs": epochs, "learning_rate": lr,
-               "optimizer": "adam, cosine decay, batch 256", "seed": SEED,
+               "optimizer": "adam, cosine decay, batch 256", "seed": seed,
                "train_examples": len(x_train), "test_examples": len(x_test), **out,
                "test_curve": curve, "figures": [os.path.basename(figure), os.path.basename(basis)],
                "wall_seconds": round(time.time() - t0, 1), "quick": quick}
@@ -207,11 +207,11 @@ def plot_bases(model, params, fitted: pca.PCA, path: str, n: int = 8) -> str:
 
 def record_entries(results: dict) -> list[tuple[str, int | None, float]]:
     """``(arm, seed, value)`` of experiments/results/linear_pca.json from :func:`run`'s results."""
-    angles = results["max_angle_deg"]
-    return [("linear autoencoder 784-16-784", SEED, results["autoencoder_squared_error_per_image"]),
+    angles, seed = results["max_angle_deg"], results.get("seed", SEED)
+    return [("linear autoencoder 784-16-784", seed, results["autoencoder_squared_error_per_image"]),
             ("PCA, k = 16", None, results["pca_squared_error_per_image"]),
-            ("largest principal angle, decoder rows vs PCA top 16", SEED, angles["decoder_rows"]),
-            ("largest principal angle, decoder rows vs PCA top 17", SEED,
+            ("largest principal angle, decoder rows vs PCA top 16", seed, angles["decoder_rows"]),
+            ("largest principal angle, decoder rows vs PCA top 17", seed,
              angles["decoder_rows_vs_top_k_plus_1"])]
 
 
@@ -220,9 +220,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_linear_pca")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the initialization and the batch order")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
-    results = run(args.workdir, quick=args.quick)
+    results = run(args.workdir, quick=args.quick, seed=args.seed)
     if records.default_run(parser, args):
         records.record_many("linear_pca", record_entries(results),
                             wall_seconds=results["wall_seconds"])

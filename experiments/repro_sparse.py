@@ -78,10 +78,10 @@ def train_sparse(kind: str, weight: float, x_train: np.ndarray, *, epochs: int,
 
 
 def sweep_point(kind: str, weight: float, x_train: np.ndarray, x_test: np.ndarray, *,
-                epochs: int) -> dict:
+                epochs: int, seed: int = SEED) -> dict:
     from experiments import probes
 
-    model, params, per_example = train_sparse(kind, weight, x_train, epochs=epochs)
+    model, params, per_example = train_sparse(kind, weight, x_train, epochs=epochs, seed=seed)
     test = evaluate(per_example, params, x_test)
     stats = code_statistics(probes.encode(model, params, x_test))
     return {"kind": kind, "weight": weight, "squared_error_per_image": test["squared_error_per_image"],
@@ -91,7 +91,7 @@ def sweep_point(kind: str, weight: float, x_train: np.ndarray, x_test: np.ndarra
             **stats}
 
 
-def run(workdir: str, *, quick: bool = False) -> dict:
+def run(workdir: str, *, quick: bool = False, seed: int = SEED) -> dict:
     from experiments import probes
 
     t0 = time.time()
@@ -105,11 +105,11 @@ def run(workdir: str, *, quick: bool = False) -> dict:
     rows = []
     for kind, weights in (("l1", l1_weights), ("kl", kl_weights), ("ng", (NG_BETA,))):
         for w in weights:
-            rows.append(sweep_point(kind, w, x_train, x_test, epochs=epochs))
+            rows.append(sweep_point(kind, w, x_train, x_test, epochs=epochs, seed=seed))
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
                   f"({time.time() - t0:.0f} s)", flush=True)
     path = plot_sweep(rows, os.path.join(workdir, "sparse_sweep.png"))
-    results = {"dataset": "fashion_mnist", "epochs": epochs, "seed": SEED, "rho": RHO,
+    results = {"dataset": "fashion_mnist", "epochs": epochs, "seed": seed, "rho": RHO,
                "keras_equivalent_l1_weight": KERAS_L1,
                "models": {"l1": "784-32-784, ReLU code, BCE summed over pixels, Adam 1e-3, batch 256",
                           "kl": "784-64-784, sigmoid code, BCE summed over pixels, Adam 1e-3, batch 256",
@@ -157,12 +157,13 @@ def plot_sweep(rows: list[dict], path: str) -> str:
 def record_entries(results: dict) -> list[tuple[str, int, float]]:
     """``(arm, seed, value)`` of experiments/results/sparse.json from :func:`run`'s results."""
     mean = {(r["kind"], r["weight"]): r["mean_activation"] for r in results["rows"]}
-    return [("ReLU 32, no penalty", SEED, mean["l1", 0.0]),
-            ("ReLU 32, L1 0.0784 (Keras-equivalent)", SEED, mean["l1", KERAS_L1]),
-            ("mean activation ratio, L1 0.0784 / no penalty", SEED,
+    seed = results.get("seed", SEED)
+    return [("ReLU 32, no penalty", seed, mean["l1", 0.0]),
+            ("ReLU 32, L1 0.0784 (Keras-equivalent)", seed, mean["l1", KERAS_L1]),
+            ("mean activation ratio, L1 0.0784 / no penalty", seed,
              mean["l1", KERAS_L1] / mean["l1", 0.0]),
-            ("sigmoid 64, KL rho 0.05, beta 3, Ng's objective", SEED, mean["ng", NG_BETA]),
-            ("sigmoid 64, KL rho 0.05, beta 3, BCE", SEED, mean["kl", 3.0])]
+            ("sigmoid 64, KL rho 0.05, beta 3, Ng's objective", seed, mean["ng", NG_BETA]),
+            ("sigmoid 64, KL rho 0.05, beta 3, BCE", seed, mean["kl", 3.0])]
 
 
 def main() -> None:
@@ -170,9 +171,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/repro_sparse")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the initialization and the batch order")
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests)")
     args = parser.parse_args()
-    results = run(args.workdir, quick=args.quick)
+    results = run(args.workdir, quick=args.quick, seed=args.seed)
     if records.default_run(parser, args):
         records.record_many("sparse", record_entries(results), wall_seconds=results["wall_seconds"])
     print(f"wrote {os.path.join(args.workdir, 'results.json')} in {results['wall_seconds']} s")

@@ -40,10 +40,10 @@ Array = jax.Array
 # --------------------------------------------------------------------------- configs
 
 
-def vae50_config(*, quick: bool) -> ml_collections.ConfigDict:
+def vae50_config(*, quick: bool, seed: int = 0) -> ml_collections.ConfigDict:
     """Burda et al.'s VAE, 784-200-200-50 with tanh, trained for a CPU budget (not 3280 passes)."""
     c = default_config()
-    c.seed = 0
+    c.seed = seed
     c.data.binarize = True
     c.model = ml_collections.ConfigDict(dict(name="vae", hidden=(200, 200), latent_size=50,
                                              activation="tanh", likelihood="bernoulli"))
@@ -59,12 +59,12 @@ def vae50_config(*, quick: bool) -> ml_collections.ConfigDict:
     return c
 
 
-def vae2d_config(*, quick: bool) -> ml_collections.ConfigDict:
+def vae2d_config(*, quick: bool, seed: int = 0) -> ml_collections.ConfigDict:
     """experiments/configs/vae.py (784-512-2) on classes 1, 5, 6 only."""
     from experiments.configs import vae as vae_config
 
     c = vae_config.get_config()
-    c.seed = 0
+    c.seed = seed
     c.data.classes = CLASSES
     c.data.validation_size = 1000
     c.num_epochs = 1 if quick else 30
@@ -229,6 +229,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny setting (tests, smoke runs)")
     parser.add_argument("--iwae_images", type=int, default=500,
                         help="test images (N/10 per class) for the k=5000 IWAE bound")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of both models' training (the test binarization uses seed + 1)")
     args = parser.parse_args(argv)
     from aejax import figures
 
@@ -238,7 +240,7 @@ def main(argv=None) -> dict:
     n_iwae = 100 if args.quick else args.iwae_images
 
     # (a) 784-200-200-50 on all classes.
-    cfg_a = vae50_config(quick=args.quick)
+    cfg_a = vae50_config(quick=args.quick, seed=args.seed)
     splits = probes.fashion(flat=True)
     model_a, params_a, summary_a = probes.train_model(cfg_a, os.path.join(args.workdir, "vae50"),
                                                       splits=splits)
@@ -260,7 +262,7 @@ def main(argv=None) -> dict:
                                 title="VAE 784-200-200-50: decoded means of z ~ N(0, I)")]
 
     # (b) 2-D latent on classes 1, 5, 6.
-    cfg_b = vae2d_config(quick=args.quick)
+    cfg_b = vae2d_config(quick=args.quick, seed=args.seed)
     model_b, params_b, summary_b = probes.train_model(cfg_b, os.path.join(args.workdir, "vae2d"))
     splits_b = data_splits.load("fashion_mnist", flat=True, classes=CLASSES,
                                 validation_size=cfg_b.data.validation_size, seed=cfg_b.seed)
