@@ -66,6 +66,7 @@ def _cast_floats(tree, dtype):
 
 def make_per_example_fn(model, objective: objectives.Objective, *,
                         corrupt: Optional[corruptions.Corruption] = None, binarize: bool = False,
+                        binarize_method: str = "threefry",
                         compute_dtype: str = "float32") -> PerExampleFn:
     """``fn(params, batch, rng, step) -> (total (B,), metrics {name: (B,)})``.
 
@@ -73,6 +74,7 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
     conditional model (:func:`aejax.models.conditional`) is given. Binarization and corruption
     draw from ``rng``; metrics hold every objective term, the reconstruction errors (of the
     objective's own reconstruction term's images) and, for objectives with a KL term, the ELBO.
+    ``binarize_method`` chooses the generator of the binarization (:func:`batching.binarize`).
 
     With ``compute_dtype="bfloat16"`` the model runs in bfloat16 (parameters and inputs cast
     inside, so gradients and the optimizer stay float32) and its outputs are cast back to
@@ -81,6 +83,9 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"Unknown compute_dtype {compute_dtype!r}; choose one of {COMPUTE_DTYPES}.")
+    if binarize_method not in batching.BINARIZE_METHODS:
+        raise ValueError(f"Unknown binarize_method {binarize_method!r}; choose one of "
+                         f"{batching.BINARIZE_METHODS}.")
     recon = getattr(objective, "reconstruction", None)
     if recon is None:
         raise ValueError("make_per_example_fn needs an objective (objectives.combine) with a "
@@ -93,7 +98,7 @@ def make_per_example_fn(model, objective: objectives.Objective, *,
         mask = batch.get("mask")
         r_bin, r_cor, r_fwd = jax.random.split(rng, 3)
         if binarize:
-            x = batching.binarize(r_bin, x)
+            x = batching.binarize(r_bin, x, method=binarize_method)
         x_in = corrupt(r_cor, x) if corrupt is not None else x
         if low:
             params, x_in = _cast_floats((params, x_in), compute_dtype)

@@ -229,12 +229,13 @@ def limit_runner(products: tuple[Product, ...]) -> Callable[[], Any]:
 
 
 def setup(model, x_all, terms=None, *, reconstruction="bce", lr=1e-3, binarize=False,
-          objective=None):
+          binarize_method="threefry", objective=None):
     """``(per_example, tx, params, fresh_state, zero_metrics)`` as the loop builds them (Adam at
     a constant rate, the default config's optimizer); ``objective`` replaces the one built from
     ``reconstruction`` and ``terms``."""
     objective = objective or objectives.build(reconstruction, terms or {})
-    per_example = step.make_per_example_fn(model, objective, binarize=binarize)
+    per_example = step.make_per_example_fn(model, objective, binarize=binarize,
+                                           binarize_method=binarize_method)
     tx = optax.adam(optax.constant_schedule(lr), b1=0.9, b2=0.999)
     x = np.asarray(x_all[:BATCH])
     # Jitted: run op by op, the convolutional model's init compiles every small op alone
@@ -273,7 +274,7 @@ class StepRunner(NamedTuple):
 
 def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="none",
                 num_devices=1, steps_per_call=STEPS_PER_CALL, binarize=False,
-                objective=None, loop=None) -> StepRunner:
+                binarize_method="threefry", objective=None, loop=None) -> StepRunner:
     """The train loop's own fused step (gather + step + metric sums), ready to time.
 
     Each ``run()`` takes ``steps_per_call`` steps in one call, as the loop does between two log
@@ -283,7 +284,7 @@ def step_runner(model, terms, x_all, *, reconstruction="bce", lr=1e-3, mode="non
     """
     per_example, tx, params, fresh_state, zero_metrics = setup(
         model, x_all, terms, reconstruction=reconstruction, lr=lr, binarize=binarize,
-        objective=objective)
+        binarize_method=binarize_method, objective=objective)
     place = Placement.create(mode, num_devices)
     products = own_products(step.make_train_step(per_example, tx), fresh_state(),
                             {"x": np.asarray(x_all[:BATCH])}, jax.random.PRNGKey(2))
@@ -703,6 +704,10 @@ def main() -> None:
             fixed = np.asarray(batching.binarize(jax.random.PRNGKey(1), jnp.asarray(x)))
             runners[name, "fixed"] = step_runner(model, terms, fixed, binarize=False,
                                                  steps_per_call=steps).timed(number)
+            # The same step drawing with the counter-based generator (data.binarize_method).
+            runners[name, "counter"] = step_runner(model, terms, x, binarize=True,
+                                                   binarize_method="counter",
+                                                   steps_per_call=steps).timed(number)
         add_twins(runners, name, model, runner.params, x, terms, steps=min(steps, 5),
                   binarize=binarize)
         times = interleaved(runners, rounds=repeats)
@@ -712,7 +717,9 @@ def main() -> None:
                             **({"while_loop_over_straight": round(times.ratio((name, "loop"), name), 2)}
                                if (name, "loop") in times else {}),
                             **({"binarization_over_fixed_inputs":
-                                round(times.ratio(name, (name, "fixed")), 2)}
+                                round(times.ratio(name, (name, "fixed")), 2),
+                                "counter_binarization_over_fixed_inputs":
+                                round(times.ratio((name, "counter"), (name, "fixed")), 2)}
                                if (name, "fixed") in times else {}),
                             **against_references(times, name, product_flops(runner.products),
                                                  matmul_flops)))

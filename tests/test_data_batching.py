@@ -1,5 +1,6 @@
 """Tests of aejax.data.batching: binarize, the epoch order, batches, padding, the memory check."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -12,20 +13,56 @@ import pytest
 from aejax.data import batching, offline
 
 
-def test_binarize():
+@pytest.mark.parametrize("method", batching.BINARIZE_METHODS)
+def test_binarize(method):
     x = jnp.full((200_000,), 0.3, jnp.float32)
-    b = jax.jit(batching.binarize)(jax.random.key(0), x)
+    b = jax.jit(functools.partial(batching.binarize, method=method))(jax.random.key(0), x)
     assert b.dtype == jnp.float32 and b.shape == x.shape
     assert set(np.unique(np.asarray(b))) == {0.0, 1.0}
     assert abs(float(b.mean()) - 0.3) < 0.01  # Standard error of the mean is about 0.001.
     xs = jnp.linspace(0, 1, 7)
     np.testing.assert_array_equal(
-        batching.binarize(jax.random.key(1), jnp.array([0.0, 1.0])), [0.0, 1.0]
+        batching.binarize(jax.random.key(1), jnp.array([0.0, 1.0]), method=method), [0.0, 1.0]
     )
     assert not np.array_equal(
-        batching.binarize(jax.random.key(1), x), batching.binarize(jax.random.key(2), x)
+        batching.binarize(jax.random.key(1), x, method=method),
+        batching.binarize(jax.random.key(2), x, method=method),
     )
-    assert batching.binarize(jax.random.key(0), xs.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    assert batching.binarize(jax.random.key(0), xs.astype(jnp.bfloat16),
+                             method=method).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="choose one of"):
+        batching.binarize(jax.random.key(0), x, method="fast")
+
+
+def test_counter_uniform_is_uniform_independent_and_a_pure_function_of_the_key():
+    from scipy import stats
+
+    shape = (256, 784)  # a batch of images
+    u = np.asarray(batching.counter_uniform(jax.random.key(3), shape), np.float64)
+    assert u.dtype == np.float64 and u.min() >= 0.0 and u.max() < 1.0
+    np.testing.assert_array_equal(u, batching.counter_uniform(jax.random.key(3), shape))
+    # Uniform: Kolmogorov-Smirnov, and a chi-square over 256 equal bins.
+    assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3
+    counts = np.bincount((u.ravel() * 256).astype(int), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # Independent of the neighbouring pixel, of the same pixel in the next image, and of the
+    # same pixel under the next key (the next step's draw): correlations within 5 standard
+    # errors (1 / sqrt(n)) of 0.
+    v = np.asarray(batching.counter_uniform(jax.random.key(4), shape), np.float64)
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:]), (u, v)):
+        r = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+        assert abs(r) < 5 / np.sqrt(a.size), r
+    # Bits used: 24, so 2^24 distinct values are possible; with 200,704 draws collisions are
+    # rare (a bijection of the index before the shift).
+    assert len(np.unique(u)) > 0.99 * u.size
+    # Bernoulli(p) at every grey level of an 8-bit image: the mean of 100 keys' draws is p.
+    p = jnp.arange(256, dtype=jnp.float32) / 255
+    draws = jnp.stack([batching.binarize(jax.random.key(k), jnp.tile(p, 400), method="counter")
+                       .reshape(400, 256).mean(0) for k in range(10)])
+    se = np.sqrt(np.asarray(p) * (1 - np.asarray(p)) / 4000) + 1e-9
+    z = (np.asarray(draws.mean(0)) - np.asarray(p)) / se
+    assert np.abs(z).max() < 5
+    assert np.asarray(draws)[:, 0].max() == 0 and np.asarray(draws)[:, -1].min() == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -294,6 +294,27 @@ def test_streaming_path_ends_with_the_device_resident_parameters(small_splits, t
     assert_trees_equal(params_of(str(tmp_path / "resumed"))[0], want)
 
 
+def test_counter_binarization_trains_differently_and_resumes_bitwise(small_splits, tmp_path):
+    """``data.binarize_method="counter"``: other draws than threefry's, and a run resumed
+    mid-epoch from a checkpoint ends with the uninterrupted run's parameters, bit for bit."""
+    counter = small_config(keep_checkpoints=10, **{"data.binarize": True,
+                                                   "data.binarize_method": "counter"})
+    trainer.train_and_evaluate(counter, str(tmp_path / "counter"), splits=small_splits)
+    trainer.train_and_evaluate(small_config(**{"data.binarize": True}), str(tmp_path / "threefry"),
+                               splits=small_splits)
+    want, _ = params_of(str(tmp_path / "counter"))
+    other, _ = params_of(str(tmp_path / "threefry"))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(want),
+                                                          jax.tree.leaves(other))) > 1e-4
+    shutil.copytree(tmp_path / "counter", tmp_path / "resumed")
+    ckdir = tmp_path / "resumed" / "checkpoints"
+    for name in os.listdir(ckdir):
+        if name.isdigit() and int(name) > 21:
+            shutil.rmtree(ckdir / name)
+    trainer.train_and_evaluate(counter, str(tmp_path / "resumed"), splits=small_splits)
+    assert_trees_equal(params_of(str(tmp_path / "resumed"))[0], want)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from aejax import corruptions, jacobians, losses, models, objectives
-from aejax.data import offline
+from aejax.data import batching, offline
 from aejax.data.splits import NUM_CLASSES
 from aejax.runtime import distributed, placement, writers
 from aejax.step import COMPUTE_DTYPES
@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist", validation_size=5000, classes=(), flat=True, binarize=False,
+        # binarize_method: "threefry" (jax.random) or "counter" (a keyed hash of each pixel's
+        # index, several times cheaper on a CPU); see aejax.data.batching.binarize.
+        binarize_method="threefry",
         data_dir="", manual_dir="", train_examples=0,  # train_examples: 0 keeps all
         # on_device: the training set sits on the device(s) and batches are gathered inside the
         # step, when it fits (data.fits_on_device); False, or too big: batches stream from host
@@ -324,6 +327,8 @@ def _check_data(d: ml_collections.ConfigDict, data_given: bool) -> None:
                           f"keeps all); got {d.classes!r}.")
     for key in ("flat", "binarize", "on_device"):
         _boolean(f"data.{key}", d[key])
+    _choice("data.binarize_method", d.binarize_method, batching.BINARIZE_METHODS,
+            "binarization method")
     for key in ("data_dir", "manual_dir"):
         if d[key] is not None:
             _string(f"data.{key}", d[key])

@@ -91,6 +91,7 @@ def build_experiment(config: ml_collections.ConfigDict,
                           f"{COMPUTE_DTYPES}.")
     per_example = make_per_example_fn(model, objective, corrupt=corrupt,
                                       binarize=config.data.binarize,
+                                      binarize_method=config.data.binarize_method,
                                       compute_dtype=config.compute_dtype)
     stand_in_batch = examples(model, stand_in, models.stand_in_condition(model, stand_in))
     names = sorted(set(metric_names(per_example, params, stand_in_batch)) - {"grad_norm"})
