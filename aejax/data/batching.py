@@ -27,7 +27,8 @@ def _mix32(h: jax.Array) -> jax.Array:
 
 def counter_uniform(rng: jax.Array, shape) -> jax.Array:
     """Uniform float32 in [0, 1) on a 2^-24 grid, one per element of ``shape``, from a keyed hash
-    of the element's index: two 32-bit words drawn from ``rng`` key two mixing rounds.
+    of the element's index: two 32-bit words ``k0``, ``k1`` drawn from ``rng``, then
+    ``mix32((index ^ k0) * 0x9E3779B9 + k1)``, whose top 24 bits are the number.
 
     A counter-based generator: every element is computed alone, so the draw costs a few integer
     operations per element (jax.random's threefry costs about ten times more on a CPU). It is a
@@ -39,7 +40,7 @@ def counter_uniform(rng: jax.Array, shape) -> jax.Array:
         raise ValueError(f"counter_uniform draws at most 2^32 numbers per key; asked for {size}.")
     k = jax.random.bits(rng, (2,), jnp.uint32)
     i = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    h = _mix32(_mix32(i * jnp.uint32(0x9E3779B9) ^ k[0]) ^ k[1])
+    h = _mix32((i ^ k[0]) * jnp.uint32(0x9E3779B9) + k[1])
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
