@@ -3,9 +3,11 @@
 Run:
     python -m experiments.repro_semisupervised --workdir=runs/repro_semisupervised [--quick]
 
-The autoencoder (experiments/configs/conv.py, 128-d code) is trained once without labels; then,
-for 100/200/500/1000 labels (balanced per class, drawn per seed), the same MLP(64) is trained on
-its standardized codes and on raw pixels, and a small CNN from scratch on the images. Writes
+For each seed, the autoencoder (experiments/configs/conv.py, 128-d code) is trained without
+labels with that seed (WORKDIR/autoencoder for seed 0, WORKDIR/autoencoder_seedS for the
+others); then, for 100/200/500/1000 labels (balanced per class, drawn per seed), the same
+MLP(64) is trained on that seed's standardized codes and on raw pixels, and a small CNN from
+scratch on the images. Writes
 results.json and label_efficiency.png; test error is on the full test set.
 """
 
@@ -95,11 +97,11 @@ def summarize(errors: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
             for name, per_n in errors.items()}
 
 
-def autoencoder_config(*, quick: bool):
+def autoencoder_config(*, quick: bool, seed: int = 0):
     from experiments.configs import conv
 
     c = conv.get_config()
-    c.seed = 0
+    c.seed = seed
     c.num_epochs = 1 if quick else 3
     c.progress = False
     c.pca_baseline = False
@@ -151,32 +153,41 @@ def main(argv=None) -> dict:
     sizes, seeds, steps = ((100,), (0,), 30) if args.quick else (SIZES, SEEDS, STEPS)
 
     splits = probes.fashion(flat=False)
-    config = autoencoder_config(quick=args.quick)
-    model, params, ae_summary = probes.train_model(config, os.path.join(args.workdir, "autoencoder"),
-                                                   splits=splits)
-    t_ae = time.time() - t0
     (x_tr, y_tr), _, (x_te, y_te) = splits
     if args.quick:
         x_te, y_te = x_te[:1000], y_te[:1000]
-    codes_tr, codes_te = probes.encode(model, params, x_tr), probes.encode(model, params, x_te)
-    # Statistics of the unlabelled training codes: available without labels.
-    mean, std = standardizer(codes_tr)
-    methods = {
-        "autoencoder code + MLP(64)": (probes.MLPClassifier(hidden=(64,)), (codes_tr - mean) / std,
-                                       (codes_te - mean) / std),
-        "pixels + MLP(64)": (probes.MLPClassifier(hidden=(64,)), x_tr.reshape(len(x_tr), -1),
-                             x_te.reshape(len(x_te), -1)),
-        "CNN from scratch": (probes.CNNClassifier(), x_tr, x_te),
-    }
-    errors = label_efficiency(methods, y_tr, y_te, sizes, seeds, steps=steps)
+    pixels = (x_tr.reshape(len(x_tr), -1), x_te.reshape(len(x_te), -1))
+    errors, autoencoders, t_ae = {}, [], 0.0
+    for seed in seeds:  # each seed its own autoencoder, label subsets and classifiers
+        t = time.time()
+        config = autoencoder_config(quick=args.quick, seed=seed)
+        ae_dir = os.path.join(args.workdir, "autoencoder" if seed == 0 else f"autoencoder_seed{seed}")
+        model, params, ae_summary = probes.train_model(config, ae_dir, splits=splits)
+        codes_tr, codes_te = probes.encode(model, params, x_tr), probes.encode(model, params, x_te)
+        t_ae += time.time() - t
+        autoencoders.append({"seed": seed, "epochs": ae_summary["epochs_run"],
+                             "test_squared_error_per_image":
+                                 ae_summary["test"]["squared_error_per_image"],
+                             "train_seconds": ae_summary["train_seconds"],
+                             "code_size": int(codes_tr.shape[1])})
+        # Statistics of the unlabelled training codes: available without labels.
+        mean, std = standardizer(codes_tr)
+        methods = {
+            "autoencoder code + MLP(64)": (probes.MLPClassifier(hidden=(64,)),
+                                           (codes_tr - mean) / std, (codes_te - mean) / std),
+            "pixels + MLP(64)": (probes.MLPClassifier(hidden=(64,)), *pixels),
+            "CNN from scratch": (probes.CNNClassifier(), x_tr, x_te),
+        }
+        for name, per_n in label_efficiency(methods, y_tr, y_te, sizes, [seed],
+                                            steps=steps).items():
+            for n, v in per_n.items():
+                errors.setdefault(name, {}).setdefault(n, []).extend(v)
+        print(f"seed {seed} done ({time.time() - t0:.0f} s)", flush=True)
     summary = summarize(errors)
     results = {
         "dataset": "fashion_mnist", "test_examples": int(len(y_te)), "sizes": list(sizes),
         "seeds": list(seeds), "classifier_steps": steps, "batch_size": BATCH_SIZE,
-        "autoencoder": {"epochs": ae_summary["epochs_run"],
-                        "test_squared_error_per_image": ae_summary["test"]["squared_error_per_image"],
-                        "train_seconds": ae_summary["train_seconds"],
-                        "code_size": int(codes_tr.shape[1])},
+        "autoencoders": autoencoders,
         "errors": errors, "summary": summary,
         "figures": [os.path.basename(plot(summary, os.path.join(args.workdir, "label_efficiency.png")))],
         "autoencoder_seconds": round(t_ae, 1), "wall_seconds": round(time.time() - t0, 1),
