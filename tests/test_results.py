@@ -335,11 +335,11 @@ def test_render_equals_the_committed_results_md_byte_for_byte():
 
 def test_render_shows_each_verdict_and_number():
     text = results.render()
-    assert "**does not hold** (p = 0.048)" in text  # semi-supervised, 100 labels
+    assert "**inconclusive** (p = 0.103)" in text  # semi-supervised, 100 labels
     assert "**holds** (p = 0.008)" in text  # CNN against pixels, 200 labels
     assert "**holds** (p < 0.001)" in text  # IWAE against VAE
     assert "(1 seed; rule needs >= 3)" not in text  # every comparison has its seeds
-    assert "34.36 ± 1.89 (mean ± sample std over seeds 0, 1, 2)" in text
+    assert "34.03 ± 2.55 (seeds 0, 1, 2: 36.56, 34.08, 31.46)" in text
     assert "](../docs/" in text and "](../../docs/" not in text
 
 
