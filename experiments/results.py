@@ -138,8 +138,8 @@ def _validate_arm(arm, path: str, field: str) -> None:
         _fail(path, field, "must be an object")
     forms = [k for k in ("values", "mean", "value") if k in arm]
     if len(forms) != 1:
-        _fail(path, field, "needs exactly one of 'values' (with 'seeds', one per value), 'mean' "
-                           "(with 'std' and 'seeds') or 'value'")
+        _fail(path, field, "needs exactly one of 'values' (with 'seeds': the random seed of "
+                           "each value), 'mean' (with 'std' and the runs' 'seeds') or 'value'")
     kind = arm_kind(arm)
     allowed = {"values": ("values", "seeds"), "summary": ("mean", "std", "seeds"),
                "fixed": ("value",)}[kind] + _ARM_EXTRAS
@@ -153,7 +153,7 @@ def _validate_arm(arm, path: str, field: str) -> None:
         _seeds(arm.get("seeds"), path, f"{field}.seeds")
         if len(arm["seeds"]) != len(values):
             _fail(path, f"{field}.seeds", f"{len(arm['seeds'])} entries for {len(values)} "
-                  "values; give one per value")
+                  "values; give the random seed of each value")
     elif kind == "summary":
         if not _is_number(arm["mean"]):
             _fail(path, f"{field}.mean", "must be a finite number")
