@@ -7,10 +7,11 @@ import shutil
 import socket
 import time
 
+import numpy as np
 import pytest
 from conftest import FASHION_DIR, IDX_FILES, needs_debian
 
-from aejax.data import offline
+from aejax.data import arrays_cache, offline
 from aejax.data import splits as data_splits
 
 DEBIAN_DIR = pathlib.Path(FASHION_DIR)
@@ -147,6 +148,75 @@ def test_a_truncated_prepared_file_is_one_line_with_the_fix(fashion_data_dir, tm
     msg = str(err.value)
     assert "\n" not in msg and "cannot be read" in msg
     assert f"Delete {data_dir / 'fashion_mnist'}" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoded arrays kept beside the data (aejax.data.arrays_cache)
+# --------------------------------------------------------------------------------------------------
+
+
+def no_tfds(monkeypatch):
+    """Makes any read through tfds fail the test: what follows must come from the kept arrays."""
+    def fail(*args, **kwargs):
+        raise AssertionError("read through tfds")
+    monkeypatch.setattr(data_splits, "_import_tfds", fail)
+    monkeypatch.setattr(data_splits, "prepare", fail)
+
+
+def test_kept_arrays_equal_the_tfds_read_and_need_no_tensorflow(fashion_data_dir, tmp_path,
+                                                               monkeypatch):
+    data_dir = str(prepared_copy(fashion_data_dir, tmp_path))
+    x, y = data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)
+    assert arrays_cache.read(data_dir, "fashion_mnist", "test") is not None
+    with monkeypatch.context() as m:
+        no_tfds(m)
+        kept_x, kept_y = data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)
+    assert kept_x.dtype == x.dtype == np.uint8 and kept_y.dtype == y.dtype == np.int32
+    np.testing.assert_array_equal(kept_x, x)
+    np.testing.assert_array_equal(kept_y, y)
+    assert x.shape == (10_000, 28, 28, 1)
+
+
+def test_a_changed_prepared_file_is_read_through_tfds_again(fashion_data_dir, tmp_path):
+    data_dir = prepared_copy(fashion_data_dir, tmp_path)
+    data_splits.load_arrays("fashion_mnist", "test", data_dir=str(data_dir))
+    (record,) = data_dir.glob("fashion_mnist/*/fashion_mnist-test.tfrecord*")
+    with open(record, "r+b") as f:  # the same size, one byte changed: only the sha256 tells
+        f.seek(record.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert arrays_cache.read(str(data_dir), "fashion_mnist", "test") is None
+    shutil.rmtree(data_dir / "fashion_mnist")  # deleted: the kept arrays are not served either
+    assert arrays_cache.read(str(data_dir), "fashion_mnist", "test") is None
+
+
+def test_damaged_kept_arrays_are_ignored_and_written_anew(fashion_data_dir, tmp_path, monkeypatch):
+    data_dir = str(prepared_copy(fashion_data_dir, tmp_path))
+    x, y = data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)
+    arrays_path, meta_path = (pathlib.Path(p) for p in arrays_cache._paths(data_dir, "fashion_mnist",
+                                                                            "test"))
+    blob = bytearray(arrays_path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    arrays_path.write_bytes(bytes(blob))
+    assert arrays_cache.read(data_dir, "fashion_mnist", "test") is None
+    again_x, _ = data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)
+    np.testing.assert_array_equal(again_x, x)
+    meta_path.write_text("{not json")  # a half-written or foreign file is ignored as well
+    assert arrays_cache.read(data_dir, "fashion_mnist", "test") is None
+    data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)
+    with monkeypatch.context() as m:
+        no_tfds(m)
+        np.testing.assert_array_equal(
+            data_splits.load_arrays("fashion_mnist", "test", data_dir=data_dir)[0], x)
+
+
+def test_a_data_dir_where_the_arrays_cannot_be_kept_still_loads(fashion_data_dir, tmp_path):
+    data_dir = prepared_copy(fashion_data_dir, tmp_path)
+    (data_dir / arrays_cache.CACHE_DIR).write_text("a file where the directory would go")
+    x, y = data_splits.load_arrays("fashion_mnist", "test", data_dir=str(data_dir))
+    assert x.shape == (10_000, 28, 28, 1) and y.shape == (10_000,)
+    assert arrays_cache.read(str(data_dir), "fashion_mnist", "test") is None
 
 
 def test_manual_dir_given_for_a_prepared_dataset_is_reported(fashion_data_dir, tmp_path, caplog):

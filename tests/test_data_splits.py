@@ -147,6 +147,7 @@ def test_mock_load_arrays(mock_tfds, tmp_path):
     assert x.shape == (MOCK_N, 28, 28, 1) and x.dtype == np.uint8
     assert y.shape == (MOCK_N,) and y.dtype == np.int32
     assert 0 <= y.min() and y.max() <= 9
+    assert not (tmp_path / ".aejax-arrays").exists()  # mock reads are never kept
     with pytest.raises(offline.DataError, match="split"):
         data_splits.load_arrays("mnist", "validation", data_dir=str(tmp_path))
 

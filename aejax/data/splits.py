@@ -6,6 +6,7 @@ Holds the dataset constants, class filtering, the seeded validation hold-out and
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -14,8 +15,9 @@ import numpy as np
 
 # DATASETS (the names `load` accepts) is imported for callers too: offline owns it because
 # `prepare` checks the name before it touches tfds.
-from aejax.data.offline import (DATASETS, DataError, _check_name, _import_tfds,
-                                 describe_data_dir, prepare)
+from aejax.data import arrays_cache
+from aejax.data.offline import (DATASETS, DataError, _check_name, _default_data_dir, _import_tfds,
+                                 _tfds_is_mocked, describe_data_dir, prepare)
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -44,6 +46,10 @@ def load_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole split as numpy, preparing the dataset first if needed.
 
+    The first read goes through tfds; the decoded arrays are then kept beside the data, with a
+    fingerprint of the prepared files, and later reads in any process take them from there while
+    the prepared files are unchanged (:mod:`aejax.data.arrays_cache`).
+
     Args:
       name: one of `DATASETS`.
       split: `"train"` or `"test"`.
@@ -60,8 +66,15 @@ def load_arrays(
     if split not in ("train", "test"):
         raise DataError(f"Unknown split {split!r}; expected 'train' or 'test'.")
     shown = describe_data_dir(data_dir)
+    tfds_module = sys.modules.get("tensorflow_datasets")
+    mocked = tfds_module is not None and _tfds_is_mocked(tfds_module)
+    if not mocked and manual_dir is None:
+        kept = arrays_cache.read(os.path.expanduser(data_dir or _default_data_dir()), name, split)
+        if kept is not None:
+            return kept
     data_dir = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
     tf, tfds = _import_tfds()
+    prepared_files = None if _tfds_is_mocked(tfds) else arrays_cache.fingerprint(data_dir, name)
     images, labels = [], []
     try:
         ds = tfds.builder(name, data_dir=data_dir).as_dataset(
@@ -80,7 +93,10 @@ def load_arrays(
     if not images:
         return np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int32)
     # tfds gives int64 labels; int32 is what JAX uses by default.
-    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+    images, labels = np.concatenate(images), np.concatenate(labels).astype(np.int32)
+    if prepared_files is not None:
+        arrays_cache.write(data_dir, name, split, images, labels, prepared_files)
+    return images, labels
 
 
 def _check_classes(classes: Sequence[int]) -> tuple[int, ...]:
