@@ -1,6 +1,26 @@
 """Shared fixtures: small learnable data made here, and the real local Fashion-MNIST when present."""
 
 import os
+import shutil
+import tempfile
+
+# How the suite compiles, set before JAX starts and inherited by the processes tests start
+# (pytest-xdist workers, command-line runs):
+# - LLVM's optimization level 0 for XLA's CPU code: the suite's programs are small and mostly
+#   compiled, not run, and level 0 compiles them about a third faster. XLA's own graph passes
+#   (fusion, simplification) still run; what changes is how the kernels are optimized, not what
+#   they compute. AEJAX_TEST_XLA_OPT=default runs the suite with XLA's default level instead.
+# - A compilation cache for this run of the suite, shared by its processes, so a program that
+#   several processes compile (the multi-process and command-line runs) compiles once. It is a
+#   new empty directory each run and is removed at the end.
+if os.environ.get("AEJAX_TEST_XLA_OPT", "0") != "default":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aejax-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax
 import numpy as np
@@ -66,3 +86,9 @@ def x64():
 def rbg_key(seed):
     """A typed "rbg" key: threefry programs take seconds each to compile on a shared CPU."""
     return jax.random.key(seed, impl="rbg")
+
+
+def pytest_unconfigure(config):
+    # The process that made the compilation cache removes it (the controller, under xdist).
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -42,7 +42,8 @@ def free_port() -> int:
 
 def launch(workdir, *, step_delay: float = 0.0, stream: bool = False) -> list[subprocess.Popen]:
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
     extra = (["--step-delay", str(step_delay)] if step_delay else []) + (["--stream"] if stream else [])
     return [subprocess.Popen([sys.executable, SCRIPT, str(workdir), str(port), "2", str(i), *extra],
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
