@@ -338,6 +338,7 @@ def test_render_shows_each_verdict_and_number():
     assert "**inconclusive** (p = 0.103)" in text  # semi-supervised, 100 labels
     assert "**holds** (p = 0.008)" in text  # CNN against pixels, 200 labels
     assert "**holds** (p < 0.001)" in text  # IWAE against VAE
+    assert "**inconclusive** (p = 0.070)" in text  # IWAE active units, 121 epochs
     assert "(1 seed; rule needs >= 3)" not in text  # every comparison has its seeds
     assert "34.03 ± 2.55 (seeds 0, 1, 2: 36.56, 34.08, 31.46)" in text
     assert "](../docs/" in text and "](../../docs/" not in text
