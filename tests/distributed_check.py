@@ -16,7 +16,7 @@ import time
 from aejax.runtime import distributed, placement, trainer
 from placement_check import loop_config, loop_splits
 
-EPOCHS = 6  # 4 steps each: 24 steps, a checkpoint every 3
+EPOCHS = 4  # 4 steps each: 16 steps, a checkpoint every 3
 
 
 def dist_config(port: int = 0, num_processes: int = 1, process_id: int = 0, **overrides):
