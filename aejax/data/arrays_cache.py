@@ -24,10 +24,11 @@ import io
 import json
 import logging
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from aejax.data.offline import _write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def read(data_dir: str, name: str, split: str) -> Optional[tuple[np.ndarray, np.
         with open(arrays_path, "rb") as f:
             blob = f.read()
         if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-            log.info("The kept arrays of %s %s are damaged; reading the tfds copy again.", name, split)
+            log.info("The kept arrays of %s %s are damaged; reading the tfds copy again.",
+                     name, split)
             return None
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return npz["images"], npz["labels"]
@@ -82,23 +84,11 @@ def read(data_dir: str, name: str, split: str) -> Optional[tuple[np.ndarray, np.
         return None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # as any file the data directory holds (mkstemp makes it private)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write(data_dir: str, name: str, split: str, images: np.ndarray, labels: np.ndarray,
           prepared: list) -> bool:
     """Keeps ``(images, labels)`` decoded from the prepared files ``prepared`` (their
-    :func:`fingerprint`, taken before the read); False where the data directory cannot be written."""
+    :func:`fingerprint`, taken before the read); False where the data directory cannot be
+    written."""
     arrays_path, meta_path = _paths(data_dir, name, split)
     buffer = io.BytesIO()
     np.savez(buffer, images=images, labels=labels)

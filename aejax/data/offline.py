@@ -13,6 +13,7 @@ import pathlib
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import urllib.parse
 
@@ -186,11 +187,21 @@ def _upstream_gzip_bytes(data: bytes, filename: str, mtime: int) -> bytes:
     return header + data[offset:]
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    # A crash mid-write must not leave a truncated file that a later run would pick up.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file of its own and a rename: a crash
+    mid-write leaves no truncated file that a later run would pick up, and processes writing the
+    same path at once never mix their bytes."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # as any file the data directory holds (mkstemp makes it private)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _stage_manual_files(name: str, source_dir: pathlib.Path, cache_dir: pathlib.Path, tfds) -> None:
