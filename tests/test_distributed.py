@@ -64,18 +64,27 @@ def finish(procs, timeout=TIMEOUT) -> list[dict]:
     return out
 
 
-def signal_once_checkpointed(procs, workdir, sig):
-    """Sends ``sig`` to process 1 once a checkpoint of step >= KILL_AFTER_STEP exists in
-    ``workdir``; returns that checkpoint's step (None if the run ended first)."""
-    ckdir = workdir / "checkpoints"
-    deadline, done = time.time() + TIMEOUT, []
-    while time.time() < deadline and procs[0].poll() is None:
-        done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
-        if done and max(done) >= KILL_AFTER_STEP:
-            procs[1].send_signal(sig)
+def signal_once_checkpointed(runs: dict) -> dict:
+    """``runs``: name -> (procs, workdir, signal). Sends each run's signal to its process 1 once
+    a checkpoint of step >= KILL_AFTER_STEP exists in its workdir; returns name -> (that
+    checkpoint's step or None if the run ended first, the time the signal was sent)."""
+    out = {name: (None, None) for name in runs}
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        waiting = [n for n in runs if out[n][1] is None and runs[n][0][0].poll() is None]
+        if not waiting:
             break
+        for name in waiting:
+            procs, workdir, sig = runs[name]
+            ckdir = workdir / "checkpoints"
+            done = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if ckdir.exists() else []
+            if done and max(done) >= KILL_AFTER_STEP:
+                procs[1].send_signal(sig)
+                out[name] = (max(done), time.time())
+            elif done:
+                out[name] = (max(done), None)
         time.sleep(0.05)
-    return max(done) if done else None
+    return out
 
 
 def read(workdir, step=None):
@@ -94,7 +103,8 @@ def leaves_equal(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process; two processes; two processes of which one is killed; their restart.
+    """One process; two processes; two processes of which one is killed and, side by side, two of
+    which one is sent SIGTERM; their restarts.
 
     The uninterrupted 2-process run streams its batches from host memory (each process places
     its half of every batch); the killed one and its restart keep the training set on the
@@ -107,22 +117,23 @@ def runs(tmp_path_factory):
     trainer.train_and_evaluate(dist_config(parallel="none"), str(root / "one"), splits=loop_splits())
     out["two"] = finish(full)
 
+    # A process killed (SIGKILL) and, side by side, a process sent SIGTERM (a preemption notice
+    # reaching one host: both processes agree on the stop at the same step boundary, save that
+    # step and exit); then both runs restart side by side and resume.
     killed = launch(root / "killed", step_delay=0.3)
-    out["killed_checkpoint"] = signal_once_checkpointed(killed, root / "killed", signal.SIGKILL)
-    killed_at = time.time()
-    out["killed"] = finish(killed, timeout=60)
-    out["survivor_seconds"] = time.time() - killed_at
-    out["after_kill"] = read(root / "killed")
-
-    out["restarted"] = finish(launch(root / "killed"))
-
-    # SIGTERM to process 1 alone (a preemption notice reaching one host): both processes agree
-    # on the stop at the same step boundary, save that step and exit; a restart resumes.
     termed = launch(root / "termed", step_delay=0.3)
-    signal_once_checkpointed(termed, root / "termed", signal.SIGTERM)
+    sent = signal_once_checkpointed({"killed": (killed, root / "killed", signal.SIGKILL),
+                                     "termed": (termed, root / "termed", signal.SIGTERM)})
+    out["killed_checkpoint"], killed_at = sent["killed"]
+    out["killed"] = finish(killed, timeout=60)
+    out["survivor_seconds"] = time.time() - (killed_at or time.time())
     out["termed"] = finish(termed, timeout=90)
+    out["after_kill"] = read(root / "killed")
     out["after_term"] = read(root / "termed")
-    out["term_restarted"] = finish(launch(root / "termed"))
+
+    restarted, term_restarted = launch(root / "killed"), launch(root / "termed")
+    out["restarted"] = finish(restarted)
+    out["term_restarted"] = finish(term_restarted)
     return out
 
 
