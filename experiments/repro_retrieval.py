@@ -98,10 +98,16 @@ def precision_at_k(queries: np.ndarray, query_labels: np.ndarray, database: np.n
     db = jnp.asarray(database, jnp.float32)
     db_labels = jnp.asarray(database_labels)
 
-    @jax.jit
+    # Two programs: the thresholds are compared with ``==`` against the distances they were taken
+    # from, so the distances must be one buffer. Inside one program XLA may fuse the distance
+    # computation into each of its users and round it differently in each (then a threshold
+    # equals no distance and the tie share is 0 / 0).
+    distances = jax.jit(dist_fn)
+    precision = jax.jit(lambda dist, ql, db_labels: _precision_chunk(
+        dist, ql[:, None] == db_labels[None], ks))
+
     def chunk(q, ql, db, db_labels):
-        relevant = ql[:, None] == db_labels[None]
-        return _precision_chunk(dist_fn(q, db), relevant, ks)
+        return precision(distances(q, db), ql, db_labels)
 
     sums = np.zeros(len(ks))
     for i in range(0, len(queries), chunk_size):
