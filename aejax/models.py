@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aejax import pooling, quantize
+from aejax import convolution, pooling, quantize
 
 Array = jax.Array
 
@@ -187,12 +187,19 @@ class ConvAutoencoder(nn.Module):
       features: encoder conv widths; the decoder mirrors them.
       activation: activation name.
       upsampling: ``"nearest"``, ``"transpose"`` or ``"unpool"``.
+      conv_lowering: how the 3 x 3 convolutions are computed (:mod:`aejax.convolution`):
+        ``"auto"`` (default) computes the layers with at most 4 input channels (here the first,
+        on the one-channel image) as shifted slices and one matrix product on a CPU, where
+        XLA's convolution is slow for them, and as XLA's convolution elsewhere; ``"xla"`` always uses XLA's
+        convolution; ``"shifted"`` the slices on every backend. The parameters are the same
+        either way, and so is the value up to float rounding.
     """
 
     input_shape: Sequence[int] = (28, 28, 1)
     features: Sequence[int] = (16, 8, 8)
     activation: str = "relu"
     upsampling: str = "nearest"
+    conv_lowering: str = "auto"
 
     def setup(self):
         if tuple(self.input_shape) != (28, 28, 1):
@@ -202,23 +209,25 @@ class ConvAutoencoder(nn.Module):
             raise ValueError(f"ConvAutoencoder: unknown upsampling {self.upsampling!r}; choose "
                              "'nearest', 'transpose' or 'unpool'.")
         activation(self.activation)
+        conv = functools.partial(nn.Conv,
+                                 conv_general_dilated=convolution.for_lowering(self.conv_lowering))
         f1, f2, f3 = self.features
-        self.enc = [nn.Conv(f, (3, 3), padding="SAME", name=f"encoder_{i}")
+        self.enc = [conv(f, (3, 3), padding="SAME", name=f"encoder_{i}")
                     for i, f in enumerate((f1, f2, f3))]
         if self.upsampling == "nearest":
-            self.dec = [nn.Conv(f3, (3, 3), padding="SAME", name="decoder_0"),
-                        nn.Conv(f2, (3, 3), padding="SAME", name="decoder_1"),
-                        nn.Conv(f1, (3, 3), padding="VALID", name="decoder_2")]
+            self.dec = [conv(f3, (3, 3), padding="SAME", name="decoder_0"),
+                        conv(f2, (3, 3), padding="SAME", name="decoder_1"),
+                        conv(f1, (3, 3), padding="VALID", name="decoder_2")]
         elif self.upsampling == "unpool":
-            self.dec = [nn.Conv(f, (3, 3), padding="SAME", name=f"decoder_{i}")
+            self.dec = [conv(f, (3, 3), padding="SAME", name=f"decoder_{i}")
                         for i, f in enumerate((f3, f2, f1))]
         else:
             # 4 -> 8 -> 16 -> 14 (valid conv) -> 28, the same sizes as the nearest path.
             self.dec = [nn.ConvTranspose(f3, (2, 2), strides=(2, 2), name="decoder_0"),
                         nn.ConvTranspose(f2, (2, 2), strides=(2, 2), name="decoder_1"),
-                        nn.Conv(f1, (3, 3), padding="VALID", name="decoder_2"),
+                        conv(f1, (3, 3), padding="VALID", name="decoder_2"),
                         nn.ConvTranspose(f1, (2, 2), strides=(2, 2), name="decoder_3")]
-        self.out = nn.Conv(1, (3, 3), padding="SAME", name="decoder_out")
+        self.out = conv(1, (3, 3), padding="SAME", name="decoder_out")
 
     @property
     def code_shape(self) -> tuple[int, int, int]:
@@ -265,9 +274,7 @@ class ConvAutoencoder(nn.Module):
                 h = pooling.max_unpool(act(conv(h)), s, 2, output_hw=hw)
         elif self.upsampling == "nearest":
             for conv in self.dec:
-                h = act(conv(h))
-                h = jax.image.resize(h, (h.shape[0], 2 * h.shape[1], 2 * h.shape[2], h.shape[3]),
-                                     "nearest")
+                h = pooling.upsample_nearest(act(conv(h)), 2)
         else:
             for layer in self.dec:
                 h = act(layer(h))

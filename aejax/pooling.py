@@ -96,8 +96,35 @@ def max_pool_with_switches(x: Array, window: int = 2, *,
         x = x[:, : h - h % window, : w - w % window]
     windows = _to_windows(x, window)
     switches = jnp.argmax(windows, axis=3).astype(jnp.int32)  # argmax keeps the first of ties
-    pooled = jnp.take_along_axis(windows, switches[:, :, :, None], axis=3)[:, :, :, 0]
+    # The maximum picked by a one-hot select, not a gather: XLA's CPU gather, and the scatter its
+    # gradient becomes, cost more than the whole select; the select's gradient is a select too.
+    onehot = switches[:, :, :, None, :] == jnp.arange(window * window, dtype=jnp.int32)[:, None]
+    pooled = jnp.max(jnp.where(onehot, windows, _lowest(windows.dtype)), axis=3)
     return pooled, switches
+
+
+def _lowest(dtype) -> Array:
+    return jnp.array(-jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).min,
+                     dtype)
+
+
+def upsample_nearest(x: Array, factor: int = 2) -> Array:
+    """Nearest-neighbour upsampling by an integer ``factor``: each pixel becomes a
+    ``factor x factor`` block, ``(B, H, W, C) -> (B, H*factor, W*factor, C)``.
+
+    The values of ``jax.image.resize(x, ..., "nearest")`` at an integer scale, as a broadcast and
+    a reshape (no gather; the gradient sums each block).
+
+    >>> upsample_nearest(jnp.array([[1.0, 2.0]]).reshape(1, 1, 2, 1))[0, :, :, 0].tolist()
+    [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    """
+    fn = "upsample_nearest"
+    _check_rank4(x, "x", fn)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"{fn}: factor must be an integer >= 1, got {factor!r}.")
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+    return x.reshape(b, h * factor, w * factor, c)
 
 
 def max_unpool(y: Array, switches: Array, window: int = 2, *,

@@ -56,10 +56,14 @@ def test_products_of_the_same_operands_count_once():
 
 def test_a_convolutional_step_has_every_convolution():
     x = np.zeros((B, 28, 28, 1), np.float32)
-    products = train_step_products(models.ConvAutoencoder(), {}, x)
+    products = train_step_products(models.ConvAutoencoder(conv_lowering="xla"), {}, x)
     names = {p.primitive.name for p in products}
     # 7 convolutions forward, 7 kernel gradients, 6 input gradients (not the first layer's).
     assert names == {"conv_general_dilated"} and len(products) == 20
+    # The first layer as shifted slices: its convolution and kernel gradient become products.
+    products = train_step_products(models.ConvAutoencoder(conv_lowering="shifted"), {}, x)
+    names = [p.primitive.name for p in products]
+    assert names.count("conv_general_dilated") == 18 and names.count("dot_general") == 2
 
 
 def test_products_in_a_loop_are_refused():

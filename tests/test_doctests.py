@@ -7,7 +7,8 @@ import pytest
 
 MODULES = ["aejax.losses", "aejax.jacobians", "aejax.objectives", "aejax.models", "aejax.quantize",
            "aejax.vae", "aejax.quality",
-           "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.pca", "aejax.data.batching"]
+           "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.convolution", "aejax.pca",
+           "aejax.data.batching"]
 
 
 @pytest.mark.parametrize("name", MODULES)

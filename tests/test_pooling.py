@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from aejax.pooling import max_pool_with_switches, max_unpool
+from aejax.pooling import max_pool_with_switches, max_unpool, upsample_nearest
 
 
 def np_pool(x, k, padding):
@@ -240,3 +240,30 @@ def test_integer_inputs_pad_with_dtype_minimum():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- nearest upsampling
+
+
+@pytest.mark.parametrize("shape,factor", [((2, 4, 4, 3), 2), ((1, 3, 5, 2), 3), ((2, 2, 2, 1), 1)])
+def test_upsample_nearest_is_jax_image_resize_and_its_gradient_sums_each_block(shape, factor):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    b, h, w, c = shape
+    want = jax.image.resize(x, (b, h * factor, w * factor, c), "nearest")
+    got = upsample_nearest(x, factor)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.repeat(np.repeat(np.asarray(x), factor, 1), factor, 2))
+    g = jax.random.normal(jax.random.PRNGKey(1), got.shape)
+    grad = jax.grad(lambda x: jnp.sum(g * upsample_nearest(x, factor)))(x)
+    blocks = np.asarray(g).reshape(b, h, factor, w, factor, c).sum(axis=(2, 4))
+    np.testing.assert_allclose(grad, blocks, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x,factor,match", [
+    (jnp.zeros((2, 4, 4)), 2, r"x must have shape \(B, H, W, C\)"),
+    (jnp.zeros((1, 2, 2, 1)), 0, "factor must be an integer >= 1, got 0"),
+    (jnp.zeros((1, 2, 2, 1)), True, "factor must be an integer >= 1, got True"),
+])
+def test_upsample_nearest_errors(x, factor, match):
+    with pytest.raises(ValueError, match=match):
+        upsample_nearest(x, factor)

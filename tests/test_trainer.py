@@ -154,7 +154,9 @@ def test_a_convolutional_step_runs_straight_on_a_cpu_and_ends_as_the_loop_does()
     """On a CPU a step with convolutions runs as a one-step program called per step: the same
     steps, parameters and metric sums as the loop's program (to float tolerance: XLA picks other
     convolution kernels there), and it stops after a non-finite step as the loop does."""
-    model = models.ConvAutoencoder(features=(4, 2, 2))
+    # XLA's convolutions throughout (with so few channels "auto" would compute every layer as
+    # shifted slices and products on a CPU, leaving the loop nothing to decide).
+    model = models.ConvAutoencoder(features=(4, 2, 2), conv_lowering="xla")
     x_all = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (96, 28, 28, 1)))
     per_example = step.make_per_example_fn(model, objectives.build("bce", {}))
     tx = optax.adam(1e-2)
