@@ -8,7 +8,8 @@ import tomllib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ["aejax.losses", "aejax.jacobians", "aejax.models", "aejax.quantize", "aejax.objectives",
         "aejax.vae",
-        "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.pca", "aejax.data.batching"]
+        "aejax.step", "aejax.corruptions", "aejax.pooling", "aejax.convolution", "aejax.pca",
+        "aejax.data.batching"]
 
 
 def test_the_core_imports_neither_tensorflow_nor_the_runtimes_needs():
