@@ -190,9 +190,9 @@ class ConvAutoencoder(nn.Module):
       conv_lowering: how the 3 x 3 convolutions are computed (:mod:`aejax.convolution`):
         ``"auto"`` (default) computes the layers with at most 4 input channels (here the first,
         on the one-channel image) as shifted slices and one matrix product on a CPU, where
-        XLA's convolution is slow for them, and as XLA's convolution elsewhere; ``"xla"`` always uses XLA's
-        convolution; ``"shifted"`` the slices on every backend. The parameters are the same
-        either way, and so is the value up to float rounding.
+        XLA's convolution is slow for them, and as XLA's convolution elsewhere; ``"xla"``
+        always uses XLA's convolution; ``"shifted"`` the slices on every backend. The
+        parameters are the same either way, and so is the value up to float rounding.
     """
 
     input_shape: Sequence[int] = (28, 28, 1)

@@ -85,10 +85,8 @@ def max_pool_with_switches(x: Array, window: int = 2, *,
         raise ValueError(f"{fn}: padding must be one of {PADDINGS}, got {padding!r}.")
     _, h, w, _ = x.shape
     if padding == "SAME":
-        fill = (-jnp.inf if jnp.issubdtype(x.dtype, jnp.inexact)
-                else jnp.iinfo(x.dtype).min)
         x = jnp.pad(x, ((0, 0), _same_pads(h, window), _same_pads(w, window), (0, 0)),
-                    constant_values=fill)
+                    constant_values=_lowest(x.dtype))
     else:
         if h < window or w < window:
             raise ValueError(f"{fn}: a VALID window of {window} does not fit in {h}x{w} inputs; "
@@ -104,6 +102,7 @@ def max_pool_with_switches(x: Array, window: int = 2, *,
 
 
 def _lowest(dtype) -> Array:
+    """The value below every other of ``dtype``: ``-inf``, or the integer minimum."""
     return jnp.array(-jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).min,
                      dtype)
 

@@ -138,9 +138,9 @@ def _validate_arm(arm, path: str, field: str) -> None:
         _fail(path, field, "must be an object")
     forms = [k for k in ("values", "mean", "value") if k in arm]
     if len(forms) != 1:
-        _fail(path, field, "needs exactly one of 'values' (one number per run, with 'seeds': "
-                           "the random seed each run started from), 'mean' (with 'std' and the "
-                           "runs' 'seeds') or 'value'")
+        _fail(path, field, "needs exactly one of 'values' (the measured number of each run, "
+                           "beside the list of the runs' random seeds), 'mean' (with 'std' and "
+                           "that list) or 'value' (a measurement without randomness)")
     kind = arm_kind(arm)
     allowed = {"values": ("values", "seeds"), "summary": ("mean", "std", "seeds"),
                "fixed": ("value",)}[kind] + _ARM_EXTRAS
@@ -153,8 +153,8 @@ def _validate_arm(arm, path: str, field: str) -> None:
             _fail(path, f"{field}.values", "must be a non-empty list of finite numbers")
         _seeds(arm.get("seeds"), path, f"{field}.seeds")
         if len(arm["seeds"]) != len(values):
-            _fail(path, f"{field}.seeds", f"{len(arm['seeds'])} random seeds for "
-                  f"{len(values)} runs' values; give the random seed each run started from")
+            _fail(path, f"{field}.seeds", f"{len(arm['seeds'])} random seeds listed for "
+                  f"{len(values)} measured values; list the random seed of each measured run")
     elif kind == "summary":
         if not _is_number(arm["mean"]):
             _fail(path, f"{field}.mean", "must be a finite number")
