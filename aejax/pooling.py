@@ -6,8 +6,11 @@ matching unpooling layer places values there and zeros elsewhere. NHWC, pure, ji
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -37,17 +40,46 @@ def _same_pads(size: int, window: int) -> tuple[int, int]:
 
 
 def _to_windows(x: Array, window: int) -> Array:
-    """``(B, H'*k, W'*k, C) -> (B, H', W', k*k, C)``, each window flattened row-major."""
+    """``(B, H'*k, W'*k, C) -> (B, H', k, W', k, C)``: a reshape, no data moved."""
     b, h, w, c = x.shape
-    x = x.reshape(b, h // window, window, w // window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // window, w // window, window * window, c)
+    return x.reshape(b, h // window, window, w // window, window, c)
 
 
-def _from_windows(x: Array, window: int) -> Array:
-    """Inverse of ``_to_windows``: ``(B, H', W', k*k, C) -> (B, H'*k, W'*k, C)``."""
-    b, ho, wo, _, c = x.shape
-    x = x.reshape(b, ho, wo, window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, ho * window, wo * window, c)
+def _window_index(window: int) -> Array:
+    """Each window element's row-major index ``0 .. k*k - 1``, shaped ``(1, 1, k, 1, k, 1)`` to
+    broadcast against :func:`_to_windows`' layout."""
+    rows, cols = jnp.arange(window, dtype=jnp.int32)[:, None], jnp.arange(window, dtype=jnp.int32)
+    return (rows * window + cols).reshape(1, 1, window, 1, window, 1)
+
+
+def _per_window(a: Array) -> Array:
+    """``(B, H', W', C) -> (B, H', 1, W', 1, C)``: one value per window, against its elements."""
+    return a[:, :, None, :, None, :]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _pool_windows(windows: Array, window: int) -> tuple[Array, Array]:
+    """Maxima and first-argmax switches of ``windows`` (the :func:`_to_windows` layout).
+
+    Two reductions over the window axes and a compare: no transpose and no variadic (argmax)
+    reduction, both slow on XLA's CPU. NaN counts as the maximum, as in ``jnp.argmax``.
+    """
+    pooled = jnp.max(windows, axis=(2, 4))
+    hit = (windows == _per_window(pooled)) | jnp.isnan(windows)
+    switches = jnp.min(jnp.where(hit, _window_index(window), window * window), axis=(2, 4))
+    return pooled, switches
+
+
+@_pool_windows.defjvp
+def _pool_windows_jvp(window, primals, tangents):
+    # The tangent of each maximum is its switch element's tangent: linear in the tangents, so
+    # reverse mode transposes it into one select that puts each incoming gradient at its switch
+    # (not split between tied maxima, as the gradient of jnp.max would).
+    (windows,), (d_windows,) = primals, tangents
+    pooled, switches = _pool_windows(windows, window)
+    at_switch = _window_index(window) == _per_window(switches)
+    d_pooled = jnp.sum(jnp.where(at_switch, d_windows, jnp.zeros((), d_windows.dtype)), axis=(2, 4))
+    return (pooled, switches), (d_pooled, np.zeros(switches.shape, jax.dtypes.float0))
 
 
 def max_pool_with_switches(x: Array, window: int = 2, *,
@@ -92,13 +124,7 @@ def max_pool_with_switches(x: Array, window: int = 2, *,
             raise ValueError(f"{fn}: a VALID window of {window} does not fit in {h}x{w} inputs; "
                              "use padding='SAME' or a smaller window.")
         x = x[:, : h - h % window, : w - w % window]
-    windows = _to_windows(x, window)
-    switches = jnp.argmax(windows, axis=3).astype(jnp.int32)  # argmax keeps the first of ties
-    # The maximum picked by a one-hot select, not a gather: XLA's CPU gather, and the scatter its
-    # gradient becomes, cost more than the whole select; the select's gradient is a select too.
-    onehot = switches[:, :, :, None, :] == jnp.arange(window * window, dtype=jnp.int32)[:, None]
-    pooled = jnp.max(jnp.where(onehot, windows, _lowest(windows.dtype)), axis=3)
-    return pooled, switches
+    return _pool_windows(_to_windows(x, window), window)
 
 
 def _lowest(dtype) -> Array:
@@ -176,9 +202,11 @@ def max_unpool(y: Array, switches: Array, window: int = 2, *,
                              f"window {window}; it must be within ({full[0] - window}, {full[0]}] "
                              f"x ({full[1] - window}, {full[1]}].")
 
-    # A one-hot compare is cheaper and simpler than a scatter, and its gradient is a plain select.
-    onehot = switches[:, :, :, None, :] == jnp.arange(window * window, dtype=switches.dtype)[:, None]
-    out = _from_windows(jnp.where(onehot, y[:, :, :, None, :], jnp.zeros((), y.dtype)), window)
+    # A compare against the switches (no scatter): its gradient is a select too.
+    b, _, _, c = y.shape
+    at_switch = _window_index(window) == _per_window(switches.astype(jnp.int32))
+    out = jnp.where(at_switch, _per_window(y), jnp.zeros((), y.dtype))
+    out = out.reshape(b, ho * window, wo * window, c)
     if output_hw is not None:
         # Undo exactly the padding max_pool_with_switches(padding="SAME") added to this size.
         (top, _), (left, _) = _same_pads(output_hw[0], window), _same_pads(output_hw[1], window)

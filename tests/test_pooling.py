@@ -186,6 +186,33 @@ def test_check_grads_unpool_and_pool():
                 atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("padding,hw", [("VALID", (4, 6)), ("SAME", (5, 5))])
+def test_forward_and_reverse_jacobians_are_the_switch_selection(padding, hw):
+    # The exact contractive modes run forward mode through the encoder's pooling; its Jacobian
+    # must be the same 0/1 selection either way, ties included.
+    x = ties((1, *hw, 2), seed=12)
+    pooled, switches = max_pool_with_switches(x, padding=padding)
+    f = lambda x: max_pool_with_switches(x, padding=padding)[0]
+    fwd, rev = jax.jacfwd(f)(x), jax.jacrev(f)(x)
+    np.testing.assert_array_equal(fwd, rev)
+    # d pooled[n, i, j, c] / d x = 1 at the switch element of that window, 0 elsewhere.
+    expected = np.zeros(pooled.shape + x.shape, np.float32)
+    _, pos = np_pool(x, 2, padding)
+    for i, j, c in np.ndindex(*pooled.shape[1:]):  # SAME pads window 2 bottom/right only
+        r, q = 2 * i + pos[0, i, j, c] // 2, 2 * j + pos[0, i, j, c] % 2
+        expected[0, i, j, c, 0, r, q, c] = 1.0
+    np.testing.assert_array_equal(fwd, expected)
+
+
+def test_a_nan_in_a_window_pools_to_nan_at_its_first_position():
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    x[0, 0, 1, 0] = x[0, 1, 0, 0] = np.nan  # window (0, 0): NaN at row-major 1 and 2
+    pooled, switches = max_pool_with_switches(x)
+    window = x[0, :2, :2, 0].reshape(-1)
+    assert np.isnan(pooled[0, 0, 0, 0]) and switches[0, 0, 0, 0] == np.argmax(window) == 1
+    np.testing.assert_array_equal(pooled[0, :, :, 0][~np.isnan(pooled[0, :, :, 0])], [7.0, 13.0, 15.0])
+
+
 def test_vmap_matches_per_slice():
     x = rand((3, 2, 7, 7, 2), seed=11)
     pool = functools.partial(max_pool_with_switches, padding="SAME")
