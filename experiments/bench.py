@@ -28,6 +28,10 @@ Each model's step is also timed against two references, in the same rounds:
 Physical checks: no step is faster than its own limit or than its FLOPs at the run's matmul
 rate, and an epoch is not faster than its train steps (``physical`` in each record). The bench
 exits with status 1, after naming them, when a record fails its check: a bug, not a result.
+
+The last record (``targets``) sets the run's figures against the bench's targets
+(:data:`TARGETS`): each one's value, whether it is met, and for a ratio to PyTorch whether the
+step's own products alone would meet it (``own_limit_ratio_to_pytorch``).
 """
 
 from __future__ import annotations
@@ -451,7 +455,11 @@ def against_references(times: Timings, name, flops: float, matmul_flops: float) 
                   fraction_of_own_limit=round(own, 3))
     if (name, "pytorch") in times:
         fields.update(pytorch_steps_per_s=round(1 / times.best((name, "pytorch")), 1),
-                      ratio_to_pytorch=round(times.ratio((name, "pytorch"), name), 2))
+                      ratio_to_pytorch=round(times.ratio((name, "pytorch"), name), 2),
+                      # PyTorch's step over this step's own products alone: the ratio to
+                      # PyTorch that no arrangement of the rest of the step can exceed.
+                      own_limit_ratio_to_pytorch=round(
+                          times.ratio((name, "pytorch"), (name, "limit")), 2))
     if (name, "pytorch_1") in times:
         fields.update(pytorch_one_thread_steps_per_s=round(1 / times.best((name, "pytorch_1")), 1),
                       ratio_to_pytorch_one_thread=round(times.ratio((name, "pytorch_1"), name), 2))
@@ -460,6 +468,48 @@ def against_references(times: Timings, name, flops: float, matmul_flops: float) 
     # (the convolutional one on a CPU) comes within the noise of its limit in some rounds.
     fields["physical"] = bool(min(roofline_rounds) <= 1 and min(own_rounds) <= 1)
     return fields
+
+
+# --------------------------------------------------------------------------- targets
+
+# The bench's targets: (record name, contractive mode or None, field, "min" or "max", bar).
+# Every other record with a ratio to PyTorch has the bar 1.0 (not slower than PyTorch).
+TARGETS = (
+    ("train_step", None, "fraction_of_own_limit", "min", 0.70),
+    ("deep_step", None, "fraction_of_own_limit", "min", 0.70),
+    ("vae_step", None, "counter_binarization_over_fixed_inputs", "max", 1.15),
+    ("conv_step", None, "ratio_to_pytorch", "min", 1.3),
+    ("contractive_step", "rev", "ratio_to_pytorch", "min", 1.5),
+    ("contractive_step", "auto", "ratio_to_pytorch", "min", 1.5),
+)
+
+
+def targets(records: list[dict]) -> dict:
+    """Each target of :data:`TARGETS` (and 1.0 for every other ratio to PyTorch) against the
+    run's records: its value, ``met`` (the value on the bar's side, bar included) and, for a
+    ratio to PyTorch, ``within_own_limit``: whether the bar is below the step's own products'
+    ratio (``own_limit_ratio_to_pytorch``), i.e. reachable at all with these products' kernels.
+    A target whose record or field the run did not produce (``--conv-only``, no torch) is left
+    out."""
+    key = lambda r: (r.get("name"), r.get("mode"))
+    bars = {(name, mode, field): (side, bar) for name, mode, field, side, bar in TARGETS}
+    for r in records:
+        if "ratio_to_pytorch" in r:
+            bars.setdefault((*key(r), "ratio_to_pytorch"), ("min", 1.0))
+    by_key = {key(r): r for r in records}
+    rows = []
+    for (name, mode, field), (side, bar) in bars.items():
+        value = by_key.get((name, mode), {}).get(field)
+        if value is None:
+            continue
+        row = dict(record=name, **({"mode": mode} if mode else {}), field=field,
+                   bar=f"{'>=' if side == 'min' else '<='} {bar}", value=value,
+                   met=bool(value >= bar if side == "min" else value <= bar))
+        ceiling = by_key[name, mode].get("own_limit_ratio_to_pytorch")
+        if field == "ratio_to_pytorch" and ceiling is not None:
+            row["within_own_limit"] = bool(ceiling >= bar)
+        rows.append(row)
+    return dict(met=sum(r["met"] for r in rows), of=len(rows), targets=rows)
 
 
 # --------------------------------------------------------------------------- test NLL
@@ -730,6 +780,7 @@ def main() -> None:
                                               rounds=repeats)))
     if not (args.skip_epoch or args.conv_only):
         records.append(emit(**epoch_time(t_plain, rounds=1 if args.quick else 2)))
+    emit(name="targets", **targets(records))
     failed = [r for r in records if r.get("physical") is False]
     if failed:
         print("Not physical (a bug in the step or the bench, not a result): "

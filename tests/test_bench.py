@@ -107,6 +107,44 @@ def test_a_step_faster_than_a_reference_in_every_round_is_not_physical():
     assert not check(flops=3e9)["physical"]  # ... or than its FLOPs at the matmul rate
 
 
+def test_own_limit_ratio_to_pytorch_is_the_twin_over_the_products_alone():
+    times = bench.Timings({"matmul": [1.0] * 3, "step": [2.0] * 3, ("step", "limit"): [1.0, 1.2, 0.8],
+                           ("step", "pytorch"): [3.0, 3.0, 3.2]})
+    fields = bench.against_references(times, "step", flops=1e9, matmul_flops=1e9)
+    assert fields["own_limit_ratio_to_pytorch"] == 3.0  # median of 3.0, 2.5, 4.0
+
+
+def test_targets_are_computed_from_the_records():
+    records = [
+        {"name": "pytorch", "version": "x"},
+        {"name": "train_step", "fraction_of_own_limit": 0.70, "ratio_to_pytorch": 1.34,
+         "own_limit_ratio_to_pytorch": 2.4},
+        {"name": "conv_step", "ratio_to_pytorch": 0.4, "own_limit_ratio_to_pytorch": 0.6},
+        {"name": "contractive_step", "mode": "rev", "ratio_to_pytorch": 1.2,
+         "own_limit_ratio_to_pytorch": 1.8},
+        {"name": "contractive_step", "mode": "best", "ratio_to_pytorch": 17.0},
+        {"name": "vae_step", "counter_binarization_over_fixed_inputs": 1.16},
+    ]
+    out = bench.targets(records)
+    rows = {(r["record"], r.get("mode"), r["field"]): r for r in out["targets"]}
+    assert set(rows) == {("train_step", None, "fraction_of_own_limit"),
+                         ("train_step", None, "ratio_to_pytorch"),
+                         ("conv_step", None, "ratio_to_pytorch"),
+                         ("contractive_step", "rev", "ratio_to_pytorch"),
+                         ("contractive_step", "best", "ratio_to_pytorch"),
+                         ("vae_step", None, "counter_binarization_over_fixed_inputs")}
+    assert rows["train_step", None, "fraction_of_own_limit"]["met"]  # the bar itself meets it
+    assert rows["train_step", None, "ratio_to_pytorch"]["bar"] == ">= 1.0"
+    conv = rows["conv_step", None, "ratio_to_pytorch"]
+    assert conv["bar"] == ">= 1.3" and not conv["met"] and not conv["within_own_limit"]
+    rev = rows["contractive_step", "rev", "ratio_to_pytorch"]
+    assert not rev["met"] and rev["within_own_limit"]
+    assert "within_own_limit" not in rows["contractive_step", "best", "ratio_to_pytorch"]
+    vae = rows["vae_step", None, "counter_binarization_over_fixed_inputs"]
+    assert vae["bar"] == "<= 1.15" and not vae["met"]
+    assert (out["met"], out["of"]) == (3, 6)
+
+
 def test_recorded_runs_name_their_device_and_pass_their_checks():
     root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "results")
     files = glob.glob(os.path.join(root, "bench_*.jsonl"))
