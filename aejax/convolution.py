@@ -1,4 +1,4 @@
-"""Stride-1 convolutions with few input channels as shifted slices and one matrix product.
+"""Stride-1 convolutions with few input or few output channels, in the forms XLA's CPU runs fast.
 
 XLA's CPU convolution is slow when a layer has one or a few input channels, as the first layer of
 an image autoencoder does (28 x 28 x 1 in, 16 features out). There a ``k x k`` convolution is
@@ -7,16 +7,22 @@ cheaper *patches first*: the ``k * k`` shifted views of the padded input side by
 the same slices, pads and products, which autodiff derives. The value is the convolution's, up to
 float rounding (the sums run in another order).
 
+The mirror case, few *output* channels (the last layer of a decoder: 16 features to one image
+channel), keeps XLA's convolution for the value and for the input gradient, but not for the
+kernel's gradient, which XLA's CPU computes slowly there: :func:`few_outputs_conv` defines its
+tangent in the kernel so that reverse mode transposes it into the ``k * k`` shifted views of the
+(few-channel) output gradient and one matrix product with the input.
+
 :func:`conv_general_dilated` has ``jax.lax.conv_general_dilated``'s signature, so it plugs into
 ``flax.linen.Conv(..., conv_general_dilated=...)`` without changing the module's parameters; it
-takes this path only for a stride-1, undilated, ungrouped NHWC/HWIO convolution with at most
-:data:`FEW_CHANNELS` input channels, and calls ``lax.conv_general_dilated`` otherwise. (The
-mirror image, few *output* channels as products first and shifted sums, measured slower than
-XLA's convolution in the conv autoencoder's gradient, so it is not offered.)
+takes these paths only for a stride-1, undilated, ungrouped NHWC/HWIO convolution with at most
+:data:`FEW_CHANNELS` input channels (or :data:`FEW_OUTPUT_CHANNELS` output channels), and calls
+``lax.conv_general_dilated`` otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -26,13 +32,17 @@ from jax import lax
 Array = jax.Array
 
 FEW_CHANNELS = 4
+# The output-gradient path pays for its k * k shifted views with as many padded copies: it
+# measured faster than XLA's kernel gradient for one output channel only.
+FEW_OUTPUT_CHANNELS = 1
 LOWERINGS = ("auto", "xla", "shifted")
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _applies(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
-             feature_group_count) -> bool:
+def _stride1_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count) -> bool:
+    """Whether the call is a stride-1, undilated, ungrouped NHWC/HWIO convolution."""
     if getattr(lhs, "ndim", None) != 4 or getattr(rhs, "ndim", None) != 4:
         return False
     if tuple(window_strides) != (1, 1) or feature_group_count != 1:
@@ -43,7 +53,13 @@ def _applies(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_num
     if dimension_numbers is None or lax.conv_dimension_numbers(
             lhs.shape, rhs.shape, dimension_numbers) != want:
         return False
-    return rhs.shape[2] <= FEW_CHANNELS
+    return True
+
+
+def _pads(x_hw, kernel_hw, padding) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(x_hw, kernel_hw, (1, 1), padding))
+    return tuple(tuple(p) for p in padding)
 
 
 def shifted_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
@@ -67,10 +83,7 @@ def shifted_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
     """
     _, h, w, c_in = x.shape
     kh, kw, _, c_out = kernel.shape
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads((h, w), (kh, kw), (1, 1), padding)
-    else:
-        pads = [tuple(p) for p in padding]
+    pads = _pads((h, w), (kh, kw), padding)
     ho = h + pads[0][0] + pads[0][1] - kh + 1
     wo = w + pads[1][0] + pads[1][1] - kw + 1
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
@@ -79,20 +92,85 @@ def shifted_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
     return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out), precision=precision)
 
 
+def _xla_conv(x: Array, kernel: Array, pads, precision) -> Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _few_outputs(x: Array, kernel: Array, pads, precision) -> Array:
+    return _xla_conv(x, kernel, pads, precision)
+
+
+def _kernel_tangent(x: Array, d_kernel: Array, pads, precision) -> Array:
+    """``conv(x, d_kernel)``, written as the transpose of the kernel gradient wanted.
+
+    Each tap's product ``x @ d_kernel[i, j]`` is padded into place in a frame of the input's
+    size plus ``k - 1`` and the taps summed; the output window is then cropped from the frame.
+    Reverse mode transposes that into: pad the output gradient once, take its ``k * k``
+    shifted views (few channels each), and contract them with ``x`` in one product.
+    """
+    _, h, w, c_in = x.shape
+    kh, kw, _, c_out = d_kernel.shape
+    (top, bottom), (left, right) = pads
+    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
+    q = jnp.einsum("bhwc,tco->bhwto", x, d_kernel.reshape(kh * kw, c_in, c_out),
+                   precision=precision)
+    frame = 0
+    for i in range(kh):
+        for j in range(kw):
+            frame = frame + jnp.pad(q[:, :, :, i * kw + j, :],
+                                    ((0, 0), (kh - 1 - i, i), (kw - 1 - j, j), (0, 0)))
+    # frame[r, s] = sum over taps of q_ij[r - (kh-1-i), s - (kw-1-j)]; output (r', s') reads
+    # x at r' + i - top, so it sits at frame row r' + kh - 1 - top.
+    return lax.slice(frame, (0, kh - 1 - top, kw - 1 - left, 0),
+                     (frame.shape[0], kh - 1 - top + ho, kw - 1 - left + wo, c_out))
+
+
+@_few_outputs.defjvp
+def _few_outputs_jvp(pads, precision, primals, tangents):
+    (x, kernel), (dx, d_kernel) = primals, tangents
+    # Symbolic zeros are instantiated here: a zero tangent's product is dropped by XLA as dead
+    # code in reverse mode, where only the transposes run.
+    return (_few_outputs(x, kernel, pads, precision),
+            _xla_conv(dx, kernel, pads, precision) + _kernel_tangent(x, d_kernel, pads, precision))
+
+
+def few_outputs_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
+    """A stride-1 NHWC convolution with an HWIO kernel whose kernel gradient is the output
+    gradient's shifted views times the input (cheap where ``C_out`` is small).
+
+    The value, and the input's gradient, are XLA's convolution's; the kernel's gradient equals
+    XLA's up to float rounding. Forward mode works too (the tangent is a convolution of the
+    tangents).
+
+    Args:
+      x: inputs ``(B, H, W, C_in)``.
+      kernel: ``(kh, kw, C_in, C_out)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
+      precision: passed to the convolution and the products.
+    """
+    return _few_outputs(x, kernel, _pads(x.shape[1:3], kernel.shape[:2], padding), precision)
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding,
                          lhs_dilation: Optional[Sequence[int]] = None,
                          rhs_dilation: Optional[Sequence[int]] = None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> Array:
-    """``lax.conv_general_dilated``, by :func:`shifted_conv` where the input has few channels.
+    """``lax.conv_general_dilated``, by :func:`shifted_conv` where the input has few channels and
+    by :func:`few_outputs_conv` where the output has few.
 
     For ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
     """
     if (batch_group_count == 1 and preferred_element_type is None
-            and _applies(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
-                         dimension_numbers, feature_group_count)):
-        return shifted_conv(lhs, rhs, padding, precision)
+            and _stride1_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count)):
+        if rhs.shape[2] <= FEW_CHANNELS:
+            return shifted_conv(lhs, rhs, padding, precision)
+        if rhs.shape[3] <= FEW_OUTPUT_CHANNELS:
+            return few_outputs_conv(lhs, rhs, padding, precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -104,9 +182,9 @@ def for_lowering(lowering: str):
     """The ``conv_general_dilated`` for ``flax.linen.Conv`` that ``lowering`` names.
 
     ``"xla"``: ``lax.conv_general_dilated`` always. ``"shifted"``: :func:`conv_general_dilated`
-    (shifted slices where the input has few channels). ``"auto"``: shifted on a CPU backend, where
-    it is faster, XLA's convolution elsewhere (GPU and TPU convolution libraries handle few
-    channels well).
+    (shifted views where the input, or for the kernel gradient the output, has few channels).
+    ``"auto"``: shifted on a CPU backend, where it is faster, XLA's convolution elsewhere (GPU
+    and TPU convolution libraries handle few channels well).
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"Unknown convolution lowering {lowering!r}; choose one of {LOWERINGS}.")

@@ -188,11 +188,13 @@ class ConvAutoencoder(nn.Module):
       activation: activation name.
       upsampling: ``"nearest"``, ``"transpose"`` or ``"unpool"``.
       conv_lowering: how the 3 x 3 convolutions are computed (:mod:`aejax.convolution`):
-        ``"auto"`` (default) computes the layers with at most 4 input channels (here the first,
-        on the one-channel image) as shifted slices and one matrix product on a CPU, where
-        XLA's convolution is slow for them, and as XLA's convolution elsewhere; ``"xla"``
-        always uses XLA's convolution; ``"shifted"`` the slices on every backend. The
-        parameters are the same either way, and so is the value up to float rounding.
+        ``"auto"`` (default), on a CPU, computes the layers with at most 4 input channels (here
+        the first, on the one-channel image) as shifted slices and one matrix product, and the
+        kernel gradient of a layer with one output channel (here the last) from the output
+        gradient's shifted views, where XLA's convolution is slow for them; XLA's convolution
+        elsewhere. ``"xla"`` always uses XLA's convolution; ``"shifted"`` the slices on every
+        backend. The parameters are the same either way, and so are the values and gradients up
+        to float rounding.
     """
 
     input_shape: Sequence[int] = (28, 28, 1)

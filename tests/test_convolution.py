@@ -75,15 +75,49 @@ def primitives(fn, *args) -> list[str]:
     return [e.primitive.name for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns]
 
 
-@pytest.mark.parametrize("kwargs,channels,shifted", [
-    ({}, (1, 16), True),
-    ({}, (4, 8), True),
-    ({}, (16, 1), False),                                 # many input channels: XLA's convolution
-    ({"window_strides": (2, 2)}, (1, 16), False),
-    ({"rhs_dilation": (2, 2)}, (1, 16), False),
-    ({"lhs_dilation": (2, 2), "padding": ((1, 1), (1, 1))}, (1, 16), False),
+@pytest.mark.parametrize("xs,ks,padding", [c for c in CASES if c[1][3] <= 4])
+def test_few_outputs_conv_is_the_convolution_in_value_gradients_and_tangents(xs, ks, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+    k = jnp.asarray(rng.normal(size=ks), jnp.float32)
+    hi = lax.Precision.HIGHEST
+    ours = lambda x, k: convolution.few_outputs_conv(x, k, padding, precision=hi)
+    theirs = lambda x, k: xla_conv(x, k, padding)
+    np.testing.assert_array_equal(ours(x, k), theirs(x, k))  # the value is XLA's convolution
+    w = jnp.asarray(rng.normal(size=theirs(x, k).shape), jnp.float32)
+    loss = lambda conv: lambda x, k: jnp.sum(w * jnp.tanh(conv(x, k)))
+    for a, b in zip(jax.grad(loss(ours), argnums=(0, 1))(x, k),
+                    jax.grad(loss(theirs), argnums=(0, 1))(x, k)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Forward mode (the tangent in the kernel is written out by hand): against XLA's and NumPy's.
+    dx = jnp.asarray(rng.normal(size=xs), jnp.float32)
+    dk = jnp.asarray(rng.normal(size=ks), jnp.float32)
+    tangent = jax.jvp(ours, (x, k), (dx, dk))[1]
+    np.testing.assert_allclose(tangent, jax.jvp(theirs, (x, k), (dx, dk))[1], rtol=1e-4, atol=1e-4)
+    pads = lax.padtype_to_pads(xs[1:3], ks[:2], (1, 1), padding) if isinstance(padding, str) \
+        else padding
+    np.testing.assert_allclose(tangent, numpy_conv(dx, k, pads) + numpy_conv(x, dk, pads),
+                               rtol=1e-4, atol=1e-4)
+    # The kernel's gradient is products, not a second convolution.
+    grad_k = jax.grad(loss(ours), argnums=1)
+    hlo = jax.jit(grad_k).lower(x, k).as_text()
+    ref = jax.jit(jax.grad(loss(theirs), argnums=1)).lower(x, k).as_text()
+    assert hlo.count("convolution(") == ref.count("convolution(") - 1 == 1
+
+
+@pytest.mark.parametrize("kwargs,channels,path", [
+    ({}, (1, 16), "shifted"),
+    ({}, (4, 8), "shifted"),
+    ({}, (1, 1), "shifted"),                               # few of both: patches first
+    ({}, (16, 1), "few_outputs"),
+    ({}, (16, 2), "xla"),
+    ({}, (16, 8), "xla"),                                  # many of both: XLA's convolution
+    ({"window_strides": (2, 2)}, (1, 16), "xla"),
+    ({"window_strides": (2, 2)}, (16, 1), "xla"),
+    ({"rhs_dilation": (2, 2)}, (1, 16), "xla"),
+    ({"lhs_dilation": (2, 2), "padding": ((1, 1), (1, 1))}, (1, 16), "xla"),
 ])
-def test_the_drop_in_takes_the_shifted_path_only_where_it_applies(kwargs, channels, shifted):
+def test_the_drop_in_takes_each_path_only_where_it_applies(kwargs, channels, path):
     c_in, c_out = channels
     x = jnp.ones((2, 8, 8, c_in))
     k = jnp.ones((3, 3, c_in, c_out))
@@ -91,7 +125,9 @@ def test_the_drop_in_takes_the_shifted_path_only_where_it_applies(kwargs, channe
     args.update(kwargs)
     fn = lambda x, k: convolution.conv_general_dilated(x, k, **args)
     names = primitives(fn, x, k)
-    assert ("conv_general_dilated" not in names) == shifted, names
+    taken = ("few_outputs" if "custom_jvp_call" in names
+             else "xla" if "conv_general_dilated" in names else "shifted")
+    assert taken == path, names
     np.testing.assert_allclose(fn(x, k), lax.conv_general_dilated(x, k, **args), rtol=1e-5)
 
 
@@ -114,7 +150,7 @@ def test_unknown_lowering_is_a_clear_error():
 
 @pytest.mark.parametrize("upsampling", ["nearest", "transpose", "unpool"])
 def test_conv_autoencoder_lowerings_agree(upsampling):
-    """The shifted first layer: same parameters, the same logits and gradients to float
+    """The shifted first layer and the last one's kernel gradient: same parameters, the same logits and gradients to float
     tolerance, and no XLA convolution left in that layer."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
     xla = models.ConvAutoencoder(upsampling=upsampling, conv_lowering="xla")
@@ -132,7 +168,11 @@ def test_conv_autoencoder_lowerings_agree(upsampling):
                     jax.tree.leaves(jax.grad(loss(xla))(params))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
     count = lambda m: primitives(lambda p: m.apply(p, x), params).count("conv_general_dilated")
-    assert count(shifted) == count(xla) - 1
+    # The first layer (1 channel in) has no convolution left; the last (1 channel out) keeps
+    # XLA's inside its custom tangent.
+    assert count(shifted) == count(xla) - 2
+    jvps = lambda m: primitives(lambda p: m.apply(p, x), params).count("custom_jvp_call")
+    assert jvps(shifted) == jvps(xla) + 1
     # On a CPU, "auto" is the shifted lowering.
     assert jax.default_backend() != "cpu" or count(models.ConvAutoencoder(
         upsampling=upsampling)) == count(shifted)
