@@ -69,6 +69,12 @@ def _sum_per_example(a: Array) -> Array:
     return a.reshape(a.shape[0], -1).sum(axis=1)
 
 
+def _per_example_rows(*arrays: Array) -> tuple[Array, ...]:
+    """Each ``(B, ...)`` array as ``(B, D)``, before per-pixel work: XLA's CPU sums a per-pixel
+    term over an image-shaped ``(B, H, W, 1)`` array several times slower than over its rows."""
+    return tuple(a.reshape(a.shape[0], -1) for a in arrays)
+
+
 def squared_error(predictions: Array, targets: Array) -> Array:
     """Squared error summed over all pixels of each example.
 
@@ -85,6 +91,7 @@ def squared_error(predictions: Array, targets: Array) -> Array:
     2.0
     """
     _check_pair(predictions, targets, "squared_error")
+    predictions, targets = _per_example_rows(predictions, targets)
     return _sum_per_example(jnp.square(predictions - targets))
 
 
@@ -141,7 +148,7 @@ def bce_with_logits(logits: Array, targets: Array) -> Array:
             raise ValueError(f"bce_with_logits: targets must lie in [0, 1] (Bernoulli means), got "
                              f"values in [{lo}, {hi}]. Scale images by 1/255, or use mse for "
                              "real-valued targets.")
-    return _sum_per_example(_bce_pixels(logits, targets))
+    return _sum_per_example(_bce_pixels(*_per_example_rows(logits, targets)))
 
 
 @jax.custom_jvp
