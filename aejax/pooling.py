@@ -61,12 +61,16 @@ def _per_window(a: Array) -> Array:
 def _pool_windows(windows: Array, window: int) -> tuple[Array, Array]:
     """Maxima and first-argmax switches of ``windows`` (the :func:`_to_windows` layout).
 
-    Two reductions over the window axes and a compare: no transpose and no variadic (argmax)
-    reduction, both slow on XLA's CPU. NaN counts as the maximum, as in ``jnp.argmax``.
+    Elementwise over the ``k * k`` strided views of the windows' elements (one per position in
+    the window): no transpose, no reduction over the window axes and no variadic (argmax)
+    reduction, all slow on XLA's CPU. NaN counts as the maximum, as in ``jnp.argmax``.
     """
-    pooled = jnp.max(windows, axis=(2, 4))
-    hit = (windows == _per_window(pooled)) | jnp.isnan(windows)
-    switches = jnp.min(jnp.where(hit, _window_index(window), window * window), axis=(2, 4))
+    views = [windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]
+    pooled = functools.reduce(jnp.maximum, views)  # lax.max propagates NaN
+    switches = jnp.full(pooled.shape, window * window - 1, jnp.int32)
+    for index in reversed(range(window * window - 1)):  # the first hit wins
+        hit = (views[index] == pooled) | jnp.isnan(views[index])
+        switches = jnp.where(hit, jnp.int32(index), switches)
     return pooled, switches
 
 
