@@ -8,10 +8,11 @@ the same slices, pads and products, which autodiff derives. The value is the con
 float rounding (the sums run in another order).
 
 The mirror case, few *output* channels (the last layer of a decoder: 16 features to one image
-channel), keeps XLA's convolution for the value and for the input gradient, but not for the
-kernel's gradient, which XLA's CPU computes slowly there: :func:`few_outputs_conv` defines its
-tangent in the kernel so that reverse mode transposes it into the ``k * k`` shifted views of the
-(few-channel) output gradient and one matrix product with the input.
+channel), is cheaper *products first*: one product gives every tap's contribution, ``(B, H, W,
+k*k*C_out)``, and the output is the sum of their shifted views. :func:`few_outputs_conv` computes
+the value so; it defines its tangent in the kernel so that reverse mode transposes it into the
+``k * k`` shifted views of the (few-channel) output gradient and one product with the input (XLA's
+CPU computes that kernel gradient slowly), and keeps XLA's convolution for the input gradient.
 
 :func:`conv_general_dilated` has ``jax.lax.conv_general_dilated``'s signature, so it plugs into
 ``flax.linen.Conv(..., conv_general_dilated=...)`` without changing the module's parameters; it
@@ -97,9 +98,23 @@ def _xla_conv(x: Array, kernel: Array, pads, precision) -> Array:
                                     precision=precision)
 
 
+def _products_first(x: Array, kernel: Array, pads, precision) -> Array:
+    """The convolution as each tap's product ``x @ kernel[i, j]`` (one product for all taps,
+    ``k * k * C_out`` columns), then the taps' shifted views summed: cheap where ``C_out`` is
+    small."""
+    _, h, w, c_in = x.shape
+    kh, kw, _, c_out = kernel.shape
+    (top, bottom), (left, right) = pads
+    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
+    q = jnp.einsum("bhwc,tco->bhwto", x, kernel.reshape(kh * kw, c_in, c_out),
+                   precision=precision)
+    q = jnp.pad(q, ((0, 0), (top, bottom), (left, right), (0, 0), (0, 0)))
+    return sum(q[:, i:i + ho, j:j + wo, i * kw + j, :] for i in range(kh) for j in range(kw))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _few_outputs(x: Array, kernel: Array, pads, precision) -> Array:
-    return _xla_conv(x, kernel, pads, precision)
+    return _products_first(x, kernel, pads, precision)
 
 
 def _kernel_tangent(x: Array, d_kernel: Array, pads, precision) -> Array:
@@ -137,12 +152,12 @@ def _few_outputs_jvp(pads, precision, primals, tangents):
 
 
 def few_outputs_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
-    """A stride-1 NHWC convolution with an HWIO kernel whose kernel gradient is the output
-    gradient's shifted views times the input (cheap where ``C_out`` is small).
+    """A stride-1 NHWC convolution with an HWIO kernel, products first, whose kernel gradient is
+    the output gradient's shifted views times the input (cheap where ``C_out`` is small).
 
-    The value, and the input's gradient, are XLA's convolution's; the kernel's gradient equals
-    XLA's up to float rounding. Forward mode works too (the tangent is a convolution of the
-    tangents).
+    The value and the kernel's gradient equal XLA's convolution's up to float rounding (the sums
+    run in another order); the input's gradient is XLA's. Forward mode works too (the tangent is
+    a convolution of the tangents).
 
     Args:
       x: inputs ``(B, H, W, C_in)``.

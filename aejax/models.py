@@ -189,10 +189,10 @@ class ConvAutoencoder(nn.Module):
       upsampling: ``"nearest"``, ``"transpose"`` or ``"unpool"``.
       conv_lowering: how the 3 x 3 convolutions are computed (:mod:`aejax.convolution`):
         ``"auto"`` (default), on a CPU, computes the layers with at most 4 input channels (here
-        the first, on the one-channel image) as shifted slices and one matrix product, and the
-        kernel gradient of a layer with one output channel (here the last) from the output
-        gradient's shifted views, where XLA's convolution is slow for them; XLA's convolution
-        elsewhere. ``"xla"`` always uses XLA's convolution; ``"shifted"`` the slices on every
+        the first, on the one-channel image) as shifted slices and one matrix product, and a
+        layer with one output channel (here the last) products first, its kernel gradient from
+        the output gradient's shifted views, where XLA's convolution is slow for them; XLA's
+        convolution elsewhere. ``"xla"`` always uses XLA's convolution; ``"shifted"`` the slices on every
         backend. The parameters are the same either way, and so are the values and gradients up
         to float rounding.
     """
