@@ -9,7 +9,8 @@ a float32 matmul roofline; the train loop's step for the 784-128-32-128-784 auto
 input pipeline's share of that step; the same step data-parallel (sharded and pmap, as the loop
 runs them) against the single-device step, and ``jax.pmap`` itself; the contractive penalty's
 modes and the VAE as ratios to the plain step; the deep 784-1000-500-250-30 and the
-convolutional autoencoder's steps; the test-NLL evaluation (the importance-weighted bound of
+convolutional autoencoder's steps (on a CPU the latter also with every convolution XLA's,
+``xla_convolutions_over_auto``, and as a ``while_loop``); the test-NLL evaluation (the importance-weighted bound of
 Burda et al.'s 784-200-200-50 VAE, ``aejax.vae.evaluate_nll``'s batch function); one epoch of
 full Fashion-MNIST. Every record names the
 device (``device``), so a run on a GPU gives its figures as they are.
@@ -747,9 +748,13 @@ def main() -> None:
         runner = step_runner(model, terms, x, binarize=binarize, steps_per_call=steps)
         runners = {"matmul": (matmul, 1), "plain": plain.timed(100 // spc),
                    name: runner.timed(number), (name, "limit"): runner.limit(number)}
-        if name == "conv_step" and jax.default_backend() == "cpu":  # the loop's program too
+        if name == "conv_step" and jax.default_backend() == "cpu":
+            # The loop's program too, and the step with every convolution XLA's (what
+            # aejax.convolution's CPU forms save).
             runners[name, "loop"] = step_runner(model, terms, x, steps_per_call=steps,
                                                 loop=True).timed(number)
+            runners[name, "xla"] = step_runner(model.clone(conv_lowering="xla"), terms, x,
+                                               steps_per_call=steps).timed(number)
         if binarize:  # the same step on inputs binarized once: what the per-step draw costs
             fixed = np.asarray(batching.binarize(jax.random.PRNGKey(1), jnp.asarray(x)))
             runners[name, "fixed"] = step_runner(model, terms, fixed, binarize=False,
@@ -764,7 +769,9 @@ def main() -> None:
         records.append(emit(name=name, model=description, batch=BATCH, optimizer="adam",
                             steps_per_call=steps,
                             ratio_to_plain=round(times.ratio(name, "plain"), 2),
-                            **({"while_loop_over_straight": round(times.ratio((name, "loop"), name), 2)}
+                            **({"while_loop_over_straight": round(times.ratio((name, "loop"), name), 2),
+                                "xla_convolutions_over_auto":
+                                round(times.ratio((name, "xla"), name), 2)}
                                if (name, "loop") in times else {}),
                             **({"binarization_over_fixed_inputs":
                                 round(times.ratio(name, (name, "fixed")), 2),
