@@ -98,16 +98,23 @@ def _xla_conv(x: Array, kernel: Array, pads, precision) -> Array:
                                     precision=precision)
 
 
-def _products_first(x: Array, kernel: Array, pads, precision) -> Array:
-    """The convolution as each tap's product ``x @ kernel[i, j]`` (one product for all taps,
-    ``k * k * C_out`` columns), then the taps' shifted views summed: cheap where ``C_out`` is
-    small."""
+def _tap_products(x: Array, kernel: Array, pads, precision) -> tuple[Array, int, int]:
+    """Every tap's product ``x @ kernel[i, j]`` in one product, ``(B, H, W, k*k, C_out)``, and
+    the convolution's output size ``(H', W')``."""
     _, h, w, c_in = x.shape
     kh, kw, _, c_out = kernel.shape
     (top, bottom), (left, right) = pads
-    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
     q = jnp.einsum("bhwc,tco->bhwto", x, kernel.reshape(kh * kw, c_in, c_out),
                    precision=precision)
+    return q, h + top + bottom - kh + 1, w + left + right - kw + 1
+
+
+def _products_first(x: Array, kernel: Array, pads, precision) -> Array:
+    """The convolution as the taps' products (:func:`_tap_products`), then their shifted views
+    summed: cheap where ``C_out`` is small."""
+    kh, kw = kernel.shape[:2]
+    q, ho, wo = _tap_products(x, kernel, pads, precision)
+    (top, bottom), (left, right) = pads
     q = jnp.pad(q, ((0, 0), (top, bottom), (left, right), (0, 0), (0, 0)))
     return sum(q[:, i:i + ho, j:j + wo, i * kw + j, :] for i in range(kh) for j in range(kw))
 
@@ -125,12 +132,9 @@ def _kernel_tangent(x: Array, d_kernel: Array, pads, precision) -> Array:
     Reverse mode transposes that into: pad the output gradient once, take its ``k * k``
     shifted views (few channels each), and contract them with ``x`` in one product.
     """
-    _, h, w, c_in = x.shape
     kh, kw, _, c_out = d_kernel.shape
-    (top, bottom), (left, right) = pads
-    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
-    q = jnp.einsum("bhwc,tco->bhwto", x, d_kernel.reshape(kh * kw, c_in, c_out),
-                   precision=precision)
+    (top, _), (left, _) = pads
+    q, ho, wo = _tap_products(x, d_kernel, pads, precision)
     frame = 0
     for i in range(kh):
         for j in range(kw):
