@@ -149,8 +149,9 @@ def _kernel_tangent(x: Array, d_kernel: Array, pads, precision) -> Array:
 @_few_outputs.defjvp
 def _few_outputs_jvp(pads, precision, primals, tangents):
     (x, kernel), (dx, d_kernel) = primals, tangents
-    # Symbolic zeros are instantiated here: a zero tangent's product is dropped by XLA as dead
-    # code in reverse mode, where only the transposes run.
+    # A zero tangent (an input that needs no gradient) arrives as zeros; its convolution is dead
+    # code in reverse mode and leaves the program (tests/test_convolution.py checks that the
+    # kernel gradient's program holds no convolution).
     return (_few_outputs(x, kernel, pads, precision),
             _xla_conv(dx, kernel, pads, precision) + _kernel_tangent(x, d_kernel, pads, precision))
 
