@@ -64,6 +64,11 @@ def _pads(x_hw, kernel_hw, padding) -> tuple[tuple[int, int], ...]:
     return tuple(tuple(p) for p in padding)
 
 
+def _output_hw(x_hw, kernel_hw, pads) -> tuple[int, int]:
+    """A stride-1 convolution's output size ``(H', W')``."""
+    return tuple(n + lo + hi - k + 1 for n, k, (lo, hi) in zip(x_hw, kernel_hw, pads))
+
+
 def shifted_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
     """A stride-1 NHWC convolution with an HWIO kernel, as shifted slices and one product
     (cheap where ``C_in`` is small: the patches have ``k * k * C_in`` channels).
@@ -83,12 +88,10 @@ def shifted_conv(x: Array, kernel: Array, padding, precision=None) -> Array:
     >>> shifted_conv(x, k, "VALID")[0, :, :, 0].tolist()
     [[45.0, 54.0], [81.0, 90.0]]
     """
-    _, h, w, c_in = x.shape
-    kh, kw, _, c_out = kernel.shape
-    pads = _pads((h, w), (kh, kw), padding)
-    ho = h + pads[0][0] + pads[0][1] - kh + 1
-    wo = w + pads[1][0] + pads[1][1] - kw + 1
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    kh, kw, c_in, c_out = kernel.shape
+    pads = _pads(x.shape[1:3], (kh, kw), padding)
+    ho, wo = _output_hw(x.shape[1:3], (kh, kw), pads)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
                               axis=-1)
     return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out), precision=precision)
@@ -102,12 +105,10 @@ def _xla_conv(x: Array, kernel: Array, pads, precision) -> Array:
 def _tap_products(x: Array, kernel: Array, pads, precision) -> tuple[Array, int, int]:
     """Every tap's product ``x @ kernel[i, j]`` in one product, ``(B, H, W, k*k, C_out)``, and
     the convolution's output size ``(H', W')``."""
-    _, h, w, c_in = x.shape
-    kh, kw, _, c_out = kernel.shape
-    (top, bottom), (left, right) = pads
+    kh, kw, c_in, c_out = kernel.shape
     q = jnp.einsum("bhwc,tco->bhwto", x, kernel.reshape(kh * kw, c_in, c_out),
                    precision=precision)
-    return q, h + top + bottom - kh + 1, w + left + right - kw + 1
+    return (q, *_output_hw(x.shape[1:3], (kh, kw), pads))
 
 
 def _products_first(x: Array, kernel: Array, pads, precision) -> Array:
@@ -203,7 +204,7 @@ def for_lowering(lowering: str):
     """The ``conv_general_dilated`` for ``flax.linen.Conv`` that ``lowering`` names.
 
     ``"xla"``: ``lax.conv_general_dilated`` always. ``"shifted"``: :func:`conv_general_dilated`
-    (shifted views where the input, or for the kernel gradient the output, has few channels).
+    (shifted slices where the input has few channels, products first where the output has few).
     ``"auto"``: shifted on a CPU backend, where it is faster, XLA's convolution elsewhere (GPU
     and TPU convolution libraries handle few channels well).
     """

@@ -192,9 +192,9 @@ class ConvAutoencoder(nn.Module):
         the first, on the one-channel image) as shifted slices and one matrix product, and a
         layer with one output channel (here the last) products first, its kernel gradient from
         the output gradient's shifted views, where XLA's convolution is slow for them; XLA's
-        convolution elsewhere. ``"xla"`` always uses XLA's convolution; ``"shifted"`` the slices on every
-        backend. The parameters are the same either way, and so are the values and gradients up
-        to float rounding.
+        convolution elsewhere. ``"xla"`` always uses XLA's convolution; ``"shifted"`` these
+        forms on every backend. The parameters are the same either way, and so are the values
+        and gradients up to float rounding.
     """
 
     input_shape: Sequence[int] = (28, 28, 1)

@@ -10,9 +10,9 @@ input pipeline's share of that step; the same step data-parallel (sharded and pm
 runs them) against the single-device step, and ``jax.pmap`` itself; the contractive penalty's
 modes and the VAE as ratios to the plain step; the deep 784-1000-500-250-30 and the
 convolutional autoencoder's steps (on a CPU the latter also with every convolution XLA's,
-``xla_convolutions_over_auto``, and as a ``while_loop``); the test-NLL evaluation (the importance-weighted bound of
-Burda et al.'s 784-200-200-50 VAE, ``aejax.vae.evaluate_nll``'s batch function); one epoch of
-full Fashion-MNIST. Every record names the
+``xla_convolutions_over_auto``, and as a ``while_loop``); the test-NLL evaluation (the
+importance-weighted bound of Burda et al.'s 784-200-200-50 VAE, ``aejax.vae.evaluate_nll``'s
+batch function); one epoch of full Fashion-MNIST. Every record names the
 device (``device``), so a run on a GPU gives its figures as they are.
 
 Each model's step is also timed against two references, in the same rounds:
