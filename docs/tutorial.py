@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from aejax import corruptions, losses, models, objectives, pca, step
+from aejax import corruptions, figures, losses, models, objectives, pca, step
 from aejax.data import splits
 from aejax.runtime import fit
 
@@ -100,12 +100,8 @@ print("test, trained  ", {k: round(v, 3) for k, v in test.items()})
 x = jnp.asarray(x_test[:10])
 noisy = corruptions.gaussian(0.3)(jax.random.PRNGKey(1), x)
 recon = jax.nn.sigmoid(models.reconstruct_logits(model, params, noisy))
-fig, axes = plt.subplots(3, 10, figsize=(10, 3.2))
-for row, images in enumerate((x, noisy, recon)):
-    for ax, image in zip(axes[row], np.asarray(images)):
-        ax.imshow(image.reshape(28, 28), cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-fig.savefig(os.path.join(OUT, "reconstructions.png"), dpi=80)
+figures.image_rows([np.asarray(x), np.asarray(noisy), np.asarray(recon)],
+                   ["test", "noisy", "reconstructed"], os.path.join(OUT, "reconstructions.png"))
 
 # %% [markdown]
 # ## The codes
