@@ -429,7 +429,10 @@ RUN_SCRIPT = textwrap.dedent("""
     x = low_rank_images(1536)
     y = np.zeros(len(x), np.int32)
     splits = data_splits.Splits((x[:1024], y[:1024]), (x[1024:1280], y[1024:1280]), (x[1280:], y[1280:]))
-    c = small_config(num_epochs=int(sys.argv[2]), checkpoint_every_steps=3)
+    if float(sys.argv[4]):
+        from distributed_check import slow_down
+        slow_down(float(sys.argv[4]))
+    c = small_config(num_epochs=int(sys.argv[2]), checkpoint_every_steps=int(sys.argv[3]))
     trainer.train_and_evaluate(c, sys.argv[1], splits=splits)
 """)
 
@@ -453,11 +456,17 @@ def assert_same_metrics(got, want):
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=f"step {a['step']} {k}")
 
 
-def interrupt(tmp_path, work, epochs, sig, after_step):
-    """Starts RUN_SCRIPT in ``work`` and sends ``sig`` once a checkpoint reaches ``after_step``."""
+def interrupt(tmp_path, work, epochs, sig, after_step, *, checkpoint_every_steps=3,
+              step_delay=0.0):
+    """Starts RUN_SCRIPT in ``work`` and sends ``sig`` once a checkpoint reaches ``after_step``.
+
+    ``step_delay``: seconds every step sleeps first (the run's numbers are unchanged), so that a
+    run with few checkpoints still runs long enough after ``after_step`` to be interrupted.
+    """
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(tests=os.path.dirname(__file__)))
-    proc = subprocess.Popen([sys.executable, str(script), str(work), str(epochs)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(script), str(work), str(epochs),
+                             str(checkpoint_every_steps), str(step_delay)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckdir = work / "checkpoints"
     deadline = time.time() + 300  # start-up and compiling, on a loaded machine
@@ -474,11 +483,17 @@ def interrupt(tmp_path, work, epochs, sig, after_step):
     return proc.returncode, err
 
 
+# A checkpoint every 8 steps, not aligned with the log lines (every 5): a resume must restore
+# the train means of the steps since the last log line. The interrupted process sleeps 20 ms a
+# step, so that about 4 s of its run are left after the step the signal waits for.
+CHECKPOINT_EVERY, STEP_DELAY = 8, 0.02
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_splits, tmp_path_factory):
-    """The reference: 12 epochs with a checkpoint every 3 steps, never interrupted."""
+    """The reference: 12 epochs with a checkpoint every 8 steps, never interrupted."""
     ref = tmp_path_factory.mktemp("uninterrupted")
-    c = small_config(num_epochs=12, checkpoint_every_steps=3)
+    c = small_config(num_epochs=12, checkpoint_every_steps=CHECKPOINT_EVERY)
     summary = trainer.train_and_evaluate(c, str(ref), splits=small_splits)
     return c, summary, params_of(str(ref)), metrics_lines(ref)
 
@@ -489,7 +504,8 @@ def test_killed_run_resumes_to_the_same_parameters_and_logs(small_splits, tmp_pa
     since the last log line are in the checkpoint)."""
     c, ref_summary, (ref_params, ref_step), ref_lines = uninterrupted
     work = tmp_path / "work"
-    code, _ = interrupt(tmp_path, work, 12, signal.SIGKILL, after_step=20)
+    code, _ = interrupt(tmp_path, work, 12, signal.SIGKILL, after_step=20,
+                        checkpoint_every_steps=CHECKPOINT_EVERY, step_delay=STEP_DELAY)
     assert code == -signal.SIGKILL
     assert max(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()) < ref_step
     summary = trainer.train_and_evaluate(c, str(work), splits=small_splits)
@@ -505,7 +521,8 @@ def test_signalled_run_saves_stops_and_resumes_bitwise(small_splits, tmp_path, u
     checkpoint of that step, and resumes to the uninterrupted run's parameters and log."""
     c, ref_summary, (ref_params, ref_step), ref_lines = uninterrupted
     work = tmp_path / "work"
-    code, err = interrupt(tmp_path, work, 12, sig, after_step=20)
+    code, err = interrupt(tmp_path, work, 12, sig, after_step=20,
+                          checkpoint_every_steps=CHECKPOINT_EVERY, step_delay=STEP_DELAY)
     assert code != 0 and f"Stopped by {signal.Signals(sig).name} at step" in err
     stopped_at = int(err.split(" at step ")[1].split(":")[0])
     assert stopped_at < ref_step
