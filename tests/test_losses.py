@@ -334,6 +334,41 @@ def test_contractive_chunked_equals_unchunked(name, mode):
         losses.contractive(encode_fn, x, mode=mode, chunk_size=0)
 
 
+@pytest.mark.parametrize("name", ["mlp_tanh", "conv"])
+def test_contractive_rev_in_groups_of_code_units_equals_one_group(name):
+    """The rows formed a group of code units at a time: the same penalty and gradient."""
+    encode_fn, x = encoders()[name]
+    x = jnp.asarray(x)
+    num_out = encode_fn(x).shape[1]
+    one = losses.contractive(encode_fn, x, mode="rev", unit_groups=1)
+    grad_in = lambda groups: jax.grad(
+        lambda x: losses.contractive(encode_fn, x, mode="rev", unit_groups=groups).sum())(x)
+    for groups in (2, num_out, None):
+        got = jax.jit(lambda x: losses.contractive(encode_fn, x, mode="rev", unit_groups=groups,
+                                                   chunk_size=3))(x)
+        np.testing.assert_allclose(got, one, rtol=1e-12, err_msg=str(groups))
+    np.testing.assert_allclose(grad_in(2), grad_in(1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=f"unit_groups must be between 1 and the code size "
+                                         f"{num_out}, got {num_out + 1}"):
+        losses.contractive(encode_fn, x, mode="rev", unit_groups=num_out + 1)
+
+
+def test_unit_slices_split_the_rows_by_size_on_a_cpu_and_not_elsewhere(monkeypatch):
+    def covers(slices, n):
+        return [i for s in slices for i in range(s.start, s.stop)] == list(range(n))
+
+    rows = 32 * 256 * 784 * 4  # a 784-128-32 encoder's rows at batch 256, float32: 25.7 MB
+    cpu = losses.unit_slices(32, rows)
+    assert len(cpu) == math.ceil(rows / losses.CPU_ROWS_BYTES) == 7 and covers(cpu, 32)
+    assert {s.stop - s.start for s in cpu} == {4, 5}
+    assert len(losses.unit_slices(128, 100 * rows)) == losses.MAX_UNIT_GROUPS
+    assert losses.unit_slices(3, 100 * rows) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert losses.unit_slices(32, 1000) == [slice(0, 32)]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert losses.unit_slices(32, rows) == [slice(0, 32)]
+    assert covers(losses.unit_slices(32, rows, groups=5), 32)
+
+
 def estimate_samples(encode_fn, x, num, num_probes=1, chunk_size=None):
     keys = jax.random.split(key(123), num)
     fn = lambda k: losses.contractive(encode_fn, x, mode="estimate", rng=k, num_probes=num_probes,
