@@ -12,14 +12,14 @@ import numpy as np
 import optax
 import pytest
 
-from aejax import models, objectives, step
+from aejax import losses, models, objectives, step
 from experiments import bench
 
 B = 256
 
 
-def train_step_products(model, terms, x):
-    per_example = step.make_per_example_fn(model, objectives.build("bce", terms))
+def train_step_products(model, terms, x, objective=None):
+    per_example = step.make_per_example_fn(model, objective or objectives.build("bce", terms))
     tx = optax.adam(1e-3)
     shapes = jax.eval_shape(lambda x: models.init(model, jax.random.PRNGKey(0), x), x)
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
@@ -45,13 +45,22 @@ def test_a_dense_step_has_its_forward_and_backward_products_and_no_input_gradien
 
 def test_products_of_the_same_operands_count_once():
     # The contractive penalty runs the encoder again: XLA computes its products once, and so do
-    # the counts. rev mode adds the 5 products of the Jacobian's rows and their gradients.
+    # the counts. rev mode adds the 5 products of the Jacobian's rows and their gradients, for
+    # each group of code units the rows are formed in (on a CPU, by their size).
     x = np.zeros((B, 784), np.float32)
     model = models.MLPAutoencoder(hidden=(128,), code_size=32)
     plain = train_step_products(model, {}, x)
     rev = train_step_products(model, {"contractive": {"weight": 0.1, "mode": "rev"}}, x)
-    assert len(plain) == 11 and len(rev) == 16
+    groups = len(losses.unit_slices(32, 32 * x.size * x.itemsize))
+    assert len(plain) == 11 and len(rev) == 11 + 5 * groups
     assert set(shapes(plain)) <= set(shapes(rev))
+    # Grouped or not, the rows' products are the same FLOPs.
+    one = train_step_products(model, {}, x, objective=objectives.combine({
+        "reconstruction": (1.0, objectives.reconstruction("bce")),
+        "contractive": (0.1, lambda f: losses.contractive(f.encode, f.x_in, mode="rev",
+                                                          unit_groups=1))}))
+    assert len(one) == 16
+    assert bench.product_flops(rev) == pytest.approx(bench.product_flops(one), rel=1e-12)
 
 
 def test_a_convolutional_step_has_every_convolution():
