@@ -155,6 +155,23 @@ def test_targets_are_computed_from_the_records():
     assert (out["met"], out["of"]) == (3, 6)
 
 
+def test_a_target_applies_to_every_encoder_of_its_mode():
+    # --contractive-only: the exact steps of two encoders, each against the same 1.5 x bar.
+    records = [
+        {"name": "contractive_step", "mode": "gaussian", "encoder": "deep", "ratio_to_plain": 2.0},
+        {"name": "contractive_step", "mode": "dense", "encoder": "deep", "ratio_to_pytorch": 0.9},
+        {"name": "contractive_step", "mode": "rev", "encoder": "deep", "ratio_to_pytorch": 1.6},
+        {"name": "contractive_step", "mode": "rev", "encoder": "conv", "ratio_to_pytorch": 1.4},
+    ]
+    out = bench.targets(records)
+    rows = {(r["mode"], r["encoder"]): r for r in out["targets"]}
+    assert set(rows) == {("dense", "deep"), ("rev", "deep"), ("rev", "conv")}
+    assert rows["rev", "deep"]["bar"] == rows["rev", "conv"]["bar"] == ">= 1.5"
+    assert rows["rev", "deep"]["met"] and not rows["rev", "conv"]["met"]
+    assert rows["dense", "deep"]["bar"] == ">= 1.0" and not rows["dense", "deep"]["met"]
+    assert (out["met"], out["of"]) == (1, 3)
+
+
 def test_recorded_runs_name_their_device_and_pass_their_checks():
     root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "results")
     files = glob.glob(os.path.join(root, "bench_*.jsonl"))
