@@ -128,6 +128,20 @@ def test_conv_loss_matches(upsampling):
     np.testing.assert_allclose(pytorch.loss(net, nchw).item(), loss_jax, rtol=1e-5)
 
 
+def test_conv_exact_contractive_penalty_and_loss_match():
+    # The twin's code is aejax's in NCHW order, its input too: the Jacobian's rows and columns
+    # permuted, the same Frobenius norm.
+    model = models.ConvAutoencoder()
+    x = images((28, 28, 1))[:4]
+    params, net = twin(model, x)
+    loss_jax, parts = aejax_loss(model, params, x, {"contractive": {"weight": 0.1, "mode": "rev"}})
+    nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(pytorch.contractive(net.encode, nchw).detach().numpy(),
+                               parts["contractive"], rtol=1e-4)
+    np.testing.assert_allclose(pytorch.loss(net, nchw, terms={"contractive": 0.1}).item(),
+                               loss_jax, rtol=1e-5)
+
+
 def test_runner_trains_as_the_loop_orders_batches():
     x_all = images().repeat(4, axis=0)
     net = pytorch.mirror(models.MLPAutoencoder(hidden=(16,), code_size=4))

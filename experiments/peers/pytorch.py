@@ -89,6 +89,14 @@ class Conv(nn.Module):
         self.pool = nn.MaxPool2d(2, ceil_mode=True, return_indices=upsampling == "unpool")
         self.unpool = nn.MaxUnpool2d(2)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The code, flattened (in NCHW order: the same values as aejax's, in another order)."""
+        h = x
+        for i in range(3):
+            h = self.pool(self.act(self.layers[f"encoder_{i}"](h)))
+            h = h[0] if self.upsampling == "unpool" else h
+        return h.flatten(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         h, switches, sizes = x, [], []
         for i in range(3):
