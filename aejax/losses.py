@@ -280,8 +280,9 @@ def unit_slices(num_out: int, rows_bytes: int, groups: Optional[int] = None) -> 
     if groups is None:
         groups = (min(num_out, MAX_UNIT_GROUPS, max(1, math.ceil(rows_bytes / CPU_ROWS_BYTES)))
                   if jax.default_backend() == "cpu" else 1)
-    if not 1 <= groups <= max(num_out, 1):
-        raise ValueError(f"unit_groups must be between 1 and the code size {num_out}, got {groups}.")
+    if not isinstance(groups, (int, np.integer)) or not 1 <= groups <= max(num_out, 1):
+        raise ValueError(f"unit_groups must be an integer between 1 and the code size {num_out}, "
+                         f"got {groups!r}.")
     bounds = [round(i * num_out / groups) for i in range(groups + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -348,9 +348,10 @@ def test_contractive_rev_in_groups_of_code_units_equals_one_group(name):
                                                    chunk_size=3))(x)
         np.testing.assert_allclose(got, one, rtol=1e-12, err_msg=str(groups))
     np.testing.assert_allclose(grad_in(2), grad_in(1), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=f"unit_groups must be between 1 and the code size "
-                                         f"{num_out}, got {num_out + 1}"):
-        losses.contractive(encode_fn, x, mode="rev", unit_groups=num_out + 1)
+    for bad in (num_out + 1, 0, 1.5):
+        with pytest.raises(ValueError, match=f"unit_groups must be an integer between 1 and the "
+                                             f"code size {num_out}, got {bad}"):
+            losses.contractive(encode_fn, x, mode="rev", unit_groups=bad)
 
 
 def test_unit_slices_split_the_rows_by_size_on_a_cpu_and_not_elsewhere(monkeypatch):
