@@ -245,16 +245,21 @@ def _code_shape(encode_fn: Callable[[Array], Array], x: Array, fn: str) -> tuple
     return out.shape
 
 
-def _jacobian_rows(fn: Callable[[Array], Array], x: Array, num_out: int) -> Array:
-    """Row ``h`` of every example's Jacobian, ``(H, B, D)``: one VJP of the batch per code unit.
+def _unit_rows(vjp_fn: Callable, y: Array, units: slice) -> Array:
+    """Rows ``units`` of every example's Jacobian, ``(n, B, D)``: one VJP of the batch per unit.
 
     Examples are independent, so the cotangent ``e_h`` on every example returns row ``h`` of
-    every example's Jacobian at once.
+    every example's Jacobian at once. ``vjp_fn`` and ``y`` are ``jax.vjp(fn, x)``'s.
     """
+    eye = jnp.eye(y.shape[1], dtype=y.dtype)[units]
+    (rows,) = jax.vmap(vjp_fn)(jnp.broadcast_to(eye[:, None, :], (eye.shape[0],) + y.shape))
+    return rows.reshape(eye.shape[0], y.shape[0], -1)
+
+
+def _jacobian_rows(fn: Callable[[Array], Array], x: Array, num_out: int) -> Array:
+    """Row ``h`` of every example's Jacobian, ``(H, B, D)`` (:func:`_unit_rows`, all units)."""
     y, vjp_fn = jax.vjp(fn, x)
-    basis = jnp.broadcast_to(jnp.eye(num_out, dtype=y.dtype)[:, None, :], (num_out,) + y.shape)
-    (rows,) = jax.vmap(vjp_fn)(basis)  # (H, B, ...)
-    return rows.reshape(num_out, x.shape[0], -1)
+    return _unit_rows(vjp_fn, y, slice(0, num_out))
 
 
 # The exact penalty in reverse mode holds ``H x B x D`` Jacobian rows (25.7 MB for a 784-128-32
@@ -290,14 +295,11 @@ def unit_slices(num_out: int, rows_bytes: int, groups: Optional[int] = None) -> 
 def _rows_square_sums(fn: Callable[[Array], Array], x: Array, num_out: int,
                       groups: Optional[int]) -> Array:
     """``sum_h ||row h of J_i||^2`` for every example ``i``, ``(B,)``: the rows formed a group of
-    code units at a time (:func:`unit_slices`), one VJP of the batch per unit."""
+    code units at a time (:func:`unit_slices`)."""
     y, vjp_fn = jax.vjp(fn, x)
-    eye = jnp.eye(num_out, dtype=y.dtype)
     total = jnp.zeros(x.shape[0], y.dtype)
     for units in unit_slices(num_out, num_out * x.size * x.dtype.itemsize, groups):
-        basis = jnp.broadcast_to(eye[units, None, :], (units.stop - units.start,) + y.shape)
-        (rows,) = jax.vmap(vjp_fn)(basis)  # (units, B, ...)
-        total = total + jnp.square(rows.reshape(rows.shape[0], x.shape[0], -1)).sum(axis=(0, 2))
+        total = total + jnp.square(_unit_rows(vjp_fn, y, units)).sum(axis=(0, 2))
     return total
 
 
