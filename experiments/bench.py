@@ -13,7 +13,8 @@ convolutional autoencoder's steps (on a CPU the latter also with every convoluti
 ``xla_convolutions_over_auto``, and as a ``while_loop``); the test-NLL evaluation (the
 importance-weighted bound of Burda et al.'s 784-200-200-50 VAE, ``aejax.vae.evaluate_nll``'s
 batch function); one epoch of full Fashion-MNIST. Every record names the
-device (``device``), so a run on a GPU gives its figures as they are.
+device (``device``: on a CPU its processor, cores and vector unit), so a run on a GPU, or on
+another CPU, gives its figures as they are.
 
 Each model's step is also timed against two references, in the same rounds:
 
@@ -38,9 +39,12 @@ step's own products alone would meet it (``own_limit_ratio_to_pytorch``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
+import os
+import platform
 import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -61,8 +65,40 @@ BATCH = 256
 STEPS_PER_CALL = 50
 
 
+def cpu_description(cpuinfo: str, cores: int) -> str:
+    """``"cpu (PROCESSOR, N cores, ISA)"`` from the text of ``/proc/cpuinfo``: CPU figures
+    depend on the processor, the cores the process may use and the widest vector unit (XLA
+    compiles for it), so a record names all three. Parts that the text lacks are left out."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"),
+                                        ("asimd", "neon")) if flag in flags), None)
+    model = fields.get("model name") or fields.get("Model") or fields.get("CPU part")
+    parts = [model, f"{cores} cores" if cores > 1 else f"{cores} core", isa]
+    return "cpu (" + ", ".join(p for p in parts if p) + ")"
+
+
+@functools.cache
+def device_description() -> str:
+    """The device that every record names: JAX's device kind, and on a CPU
+    :func:`cpu_description` of this machine."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return device.device_kind
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:  # not Linux
+        cpuinfo = f"model name: {platform.processor()}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpu_description(cpuinfo, cores or 1)
+
+
 def emit(**record) -> dict:
-    record.setdefault("device", jax.devices()[0].device_kind)
+    record.setdefault("device", device_description())
     print(json.dumps(record), flush=True)
     return record
 
@@ -848,16 +884,19 @@ def epoch_time(step_seconds: float, *, rounds: int) -> dict:
     from aejax.data import splits as data_splits
     from aejax.runtime import config, trainer
 
-    splits = data_splits.load("fashion_mnist", flat=True)
-    c = config.default_config()
-    c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
-    times = {1: [], 3: []}
-    for epochs in [1] + [1, 3] * rounds:
-        c.num_epochs = epochs
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            trainer.train_and_evaluate(c, d, splits=splits)
-            times[epochs].append(time.perf_counter() - t)
+    # The bench's output is JSON lines: what the data's first preparation (tensorflow-datasets)
+    # and the loop print goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        splits = data_splits.load("fashion_mnist", flat=True)
+        c = config.default_config()
+        c.update(progress=False, figures=False, pca_baseline=False, checkpoint_every_steps=10**9)
+        times = {1: [], 3: []}
+        for epochs in [1] + [1, 3] * rounds:
+            c.num_epochs = epochs
+            with tempfile.TemporaryDirectory() as d:
+                t = time.perf_counter()
+                trainer.train_and_evaluate(c, d, splits=splits)
+                times[epochs].append(time.perf_counter() - t)
     seconds = (min(times[3]) - min(times[1][1:])) / 2
     train_steps = len(splits.train[0]) // c.batch_size
     return dict(name="epoch", dataset="fashion_mnist", model="784-128-32-128-784", batch=BATCH,

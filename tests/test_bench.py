@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,53 @@ def test_a_target_applies_to_every_encoder_of_its_mode():
     assert rows["rev", "deep"]["met"] and not rows["rev", "conv"]["met"]
     assert rows["dense", "deep"]["bar"] == ">= 1.0" and not rows["dense", "deep"]["met"]
     assert (out["met"], out["of"]) == (1, 3)
+
+
+AMD = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+
+processor\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+"""
+XEON = "model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\nflags\t: avx avx2 avx512f avx512bw\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\nflags\t: fp asimd\n"
+
+
+@pytest.mark.parametrize("text,cores,want", [
+    (AMD, 2, "cpu (AMD EPYC, 2 cores, avx2)"),
+    (XEON, 8, "cpu (Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz, 8 cores, avx512)"),
+    (ARM, 1, "cpu (0xd0c, 1 core, neon)"),
+    ("", 4, "cpu (4 cores)"),
+])
+def test_a_cpu_record_names_the_processor_its_cores_and_its_widest_vector_unit(text, cores, want):
+    assert bench.cpu_description(text, cores) == want
+
+
+def test_records_name_this_machines_device():
+    record = bench.emit(name="probe")
+    assert record["device"] == bench.device_description()
+    if jax.devices()[0].platform == "cpu":
+        assert record["device"].startswith("cpu (") and "core" in record["device"]
+
+
+def test_the_epoch_timing_prints_nothing_but_its_record_on_stdout(monkeypatch, capsys):
+    """What the data's first preparation and the loop print goes to stderr: the bench's stdout
+    stays JSON lines."""
+    from aejax.data import splits as data_splits
+    from aejax.runtime import trainer
+
+    data = types.SimpleNamespace(train=(np.zeros((512, 784)),), validation=(np.zeros((64, 784)),))
+    seconds = iter([0.0, 5.0, 5.0, 7.0, 7.0, 11.0])  # an untimed run, then 1 and 3 epochs
+    monkeypatch.setattr(data_splits, "load", lambda *a, **k: print("preparing ...") or data)
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda *a, **k: print("epoch 1"))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(seconds))
+    record = bench.epoch_time(0.1, rounds=1)
+    out, err = capsys.readouterr()
+    assert out == "" and "preparing ..." in err and "epoch 1" in err
+    assert record["train_steps"] == 2 and record["seconds"] == 1.0 and record["physical"]
 
 
 def test_recorded_runs_name_their_device_and_pass_their_checks():
