@@ -73,7 +73,7 @@ def cpu_description(cpuinfo: str, cores: int) -> str:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
+    flags = set((fields.get("flags") or fields.get("Features", "")).split())  # x86 or Arm
     isa = next((name for flag, name in (("avx512f", "avx512"), ("avx2", "avx2"), ("avx", "avx"),
                                         ("asimd", "neon")) if flag in flags), None)
     model = fields.get("model name") or fields.get("Model") or fields.get("CPU part")

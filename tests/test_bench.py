@@ -183,7 +183,7 @@ model name\t: AMD EPYC
 flags\t\t: fpu sse sse2 avx fma avx2 bmi2
 """
 XEON = "model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\nflags\t: avx avx2 avx512f avx512bw\n"
-ARM = "processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\nflags\t: fp asimd\n"
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes\nCPU part\t: 0xd0c\n"
 
 
 @pytest.mark.parametrize("text,cores,want", [
