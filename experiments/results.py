@@ -153,8 +153,8 @@ def _validate_arm(arm, path: str, field: str) -> None:
             _fail(path, f"{field}.values", "must be a non-empty list of finite numbers")
         _seeds(arm.get("seeds"), path, f"{field}.seeds")
         if len(arm["seeds"]) != len(values):
-            _fail(path, f"{field}.seeds", f"the random seeds of {len(arm['seeds'])} runs for "
-                  f"{len(values)} measured values; give each value's run seed, in the same order")
+            _fail(path, f"{field}.seeds", f"{len(arm['seeds'])} entries for {len(values)} "
+                  "measured values; list each value's jax.random.PRNGKey integer, in the same order")
     elif kind == "summary":
         if not _is_number(arm["mean"]):
             _fail(path, f"{field}.mean", "must be a finite number")
