@@ -159,7 +159,7 @@ def broken(mutate):
     (lambda r: r.update(name="other"), "name: is 'other'"),
     (lambda r: r["arms"]["a"].update(values=[1.0, "x", 2.0]), "arms.a.values:"),
     (lambda r: r["arms"]["a"].update(seeds=[0, 1]),
-     "arms.a.seeds: 2 entries for 3 measured values; list each value's jax.random.PRNGKey integer"),
+     "arms.a.seeds: 2 entries for 3 measured values; list each value's run `--seed`"),
     (lambda r: r["arms"]["a"].update(seeds=[0, 0, 1]), "arms.a.seeds: repeats a seed"),
     (lambda r: r["arms"]["b"].update(value=3.0), "arms.b: needs exactly one of"),
     (lambda r: r["comparisons"][0].update(b="nope"), "comparisons[0].b: names no arm: 'nope'"),
