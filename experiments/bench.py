@@ -485,25 +485,39 @@ def against_references(times: Timings, name, flops: float, matmul_flops: float) 
     """
     t = times.best(name)
     roofline_rounds = [r * flops / matmul_flops for r in times.ratios("matmul", name)]
-    own_rounds = times.ratios((name, "limit"), name)
-    roofline, own = float(np.median(roofline_rounds)), float(np.median(own_rounds))
     fields = dict(steps_per_s=round(1 / t, 1), gflop_per_step=round(flops / 1e9, 4),
-                  gflops=round(flops / t / 1e9, 1), fraction_of_roofline=round(roofline, 3),
-                  fraction_of_own_limit=round(own, 3))
-    if (name, "pytorch") in times:
-        fields.update(pytorch_steps_per_s=round(1 / times.best((name, "pytorch")), 1),
-                      ratio_to_pytorch=round(times.ratio((name, "pytorch"), name), 2),
-                      # PyTorch's step over this step's own products alone: the ratio to
-                      # PyTorch that no arrangement of the rest of the step can exceed.
-                      own_limit_ratio_to_pytorch=round(
-                          times.ratio((name, "pytorch"), (name, "limit")), 2))
+                  gflops=round(flops / t / 1e9, 1),
+                  fraction_of_roofline=round(float(np.median(roofline_rounds)), 3),
+                  **limit_and_twin(times, name, (name, "pytorch")))
     if (name, "pytorch_1") in times:
         fields.update(pytorch_one_thread_steps_per_s=round(1 / times.best((name, "pytorch_1")), 1),
                       ratio_to_pytorch_one_thread=round(times.ratio((name, "pytorch_1"), name), 2))
     # A step does all of its products and more: it cannot be faster than either reference. It
     # fails the check when it was faster in every round; a step that is nearly all products
     # (the convolutional one on a CPU) comes within the noise of its limit in some rounds.
-    fields["physical"] = bool(min(roofline_rounds) <= 1 and min(own_rounds) <= 1)
+    # ``limit_and_twin`` gave the check against the limit (``times`` always holds one here).
+    fields["physical"] = bool(min(roofline_rounds) <= 1 and fields["physical"])
+    return fields
+
+
+def limit_and_twin(times: Timings, name, twin) -> dict:
+    """The fields of a step ``name`` that its own limit, ``(name, "limit")``, and its PyTorch
+    twin, ``twin``, give where ``times`` holds them: medians over rounds of the timings taken in
+    the same round; with the limit, ``physical``: false when the step beat its own products in
+    every round."""
+    fields = {}
+    limit = (name, "limit")
+    if limit in times:
+        own_rounds = times.ratios(limit, name)
+        fields.update(fraction_of_own_limit=round(float(np.median(own_rounds)), 3),
+                      physical=bool(min(own_rounds) <= 1))
+    if twin in times:
+        fields.update(pytorch_steps_per_s=round(1 / times.best(twin), 2),
+                      ratio_to_pytorch=round(times.ratio(twin, name), 2))
+        if limit in times:
+            # PyTorch's step over this step's own products alone: the ratio to PyTorch that no
+            # arrangement of the rest of the step can exceed.
+            fields["own_limit_ratio_to_pytorch"] = round(times.ratio(twin, limit), 2)
     return fields
 
 
@@ -645,17 +659,7 @@ def contractive_steps(model, encoder: str, x_all, *, rounds: int, exact: tuple[s
             record["num_probes"] = num_probes
             records.append(record)
             continue
-        if (name, "limit") in times:  # as against_references, in the same rounds
-            own_rounds = times.ratios((name, "limit"), name)
-            record.update(fraction_of_own_limit=round(float(np.median(own_rounds)), 3),
-                          physical=bool(min(own_rounds) <= 1))
-        if "pytorch" in times:
-            record.update(pytorch_steps_per_s=round(1 / times.best("pytorch"), 2),
-                          ratio_to_pytorch=round(times.ratio("pytorch", name), 2))
-            if (name, "limit") in times:
-                record["own_limit_ratio_to_pytorch"] = round(
-                    times.ratio("pytorch", (name, "limit")), 2)
-        records.append(record)
+        records.append({**record, **limit_and_twin(times, name, "pytorch")})
     return records
 
 

@@ -154,7 +154,8 @@ def _validate_arm(arm, path: str, field: str) -> None:
         _seeds(arm.get("seeds"), path, f"{field}.seeds")
         if len(arm["seeds"]) != len(values):
             _fail(path, f"{field}.seeds", f"{len(arm['seeds'])} entries for {len(values)} "
-                  "measured values; list each value's run `--seed` (its `config.seed`), in the same order")
+                  "measured values; list each value's run `--seed` (its `config.seed`), in the "
+                  "same order")
     elif kind == "summary":
         if not _is_number(arm["mean"]):
             _fail(path, f"{field}.mean", "must be a finite number")

@@ -125,6 +125,17 @@ def test_own_limit_ratio_to_pytorch_is_the_twin_over_the_products_alone():
     assert fields["own_limit_ratio_to_pytorch"] == 3.0  # median of 3.0, 2.5, 4.0
 
 
+def test_a_step_without_a_timed_limit_gets_its_twin_ratio_and_no_physical_verdict():
+    times = bench.Timings({"rev": [2.0] * 3, ("rev", "limit"): [1.0, 1.2, 0.8],
+                           "pytorch": [3.0, 3.0, 3.2], "conv": [4.0] * 3})
+    with_limit = bench.limit_and_twin(times, "rev", "pytorch")
+    assert with_limit == {"fraction_of_own_limit": 0.5, "physical": True,
+                          "pytorch_steps_per_s": 0.33, "ratio_to_pytorch": 1.5,
+                          "own_limit_ratio_to_pytorch": 3.0}
+    assert bench.limit_and_twin(times, "conv", "pytorch") == {
+        "pytorch_steps_per_s": 0.33, "ratio_to_pytorch": 0.75}
+
+
 def test_targets_are_computed_from_the_records():
     records = [
         {"name": "pytorch", "version": "x"},
